@@ -1,0 +1,1 @@
+"""Model architectures (TinyViT students, SAM teachers) and checkpoint I/O."""
