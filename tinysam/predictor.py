@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from tinysam.data.transforms import load_image, to_rgb_uint8
+from tinysam.data.transforms import load_image, prepare_image, to_rgb_uint8
 
 POSTPROCESS_CHUNK = 16  # prompts upscaled to full resolution at a time, bounding peak memory
 
@@ -65,9 +65,9 @@ class Predictor:
         orientation applied.
         """
         rgb = load_image(image) if isinstance(image, (str, Path)) else to_rgb_uint8(image)
-        resized = self.transform.apply_image(rgb)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
-        self.set_embedding(self.model.image_encoder(self.model.preprocess(x)), rgb.shape[:2])
+        mean, std = self.model.pixel_mean.flatten().cpu(), self.model.pixel_std.flatten().cpu()
+        x, _ = prepare_image(rgb, self.transform.target_length, mean, std)
+        self.set_embedding(self.model.image_encoder(x[None].to(self.device)), rgb.shape[:2])
 
     def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int]) -> None:
         """Use a precomputed ``(1, C, h, w)`` image embedding of an image of ``original_size`` (H, W)."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from segment_anything.utils.transforms import ResizeLongestSide
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -76,3 +80,19 @@ def load_image(path: str | Path) -> np.ndarray:
             return to_rgb_uint8(np.asarray(im), str(path))
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageError(f"image {path} is truncated or not a readable image ({err}); re-export or remove it") from None
+
+
+def prepare_image(
+    rgb: np.ndarray, image_size: int, pixel_mean: Sequence[float], pixel_std: Sequence[float]
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM's input: longest side resized to ``image_size``, normalised, zero-padded bottom-right.
+
+    Returns the ``(3, image_size, image_size)`` float tensor and the resized (unpadded) size.
+    """
+    resized = ResizeLongestSide(image_size).apply_image(rgb)
+    x = torch.from_numpy(resized).permute(2, 0, 1).float()
+    mean = torch.as_tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.as_tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
+    h, w = x.shape[-2:]
+    x = F.pad((x - mean) / std, (0, image_size - w, 0, image_size - h))
+    return x, (h, w)

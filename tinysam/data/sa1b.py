@@ -1,0 +1,267 @@
+"""A dataset over folders in the SA-1B layout (``sa_<id>.jpg`` + ``sa_<id>.json``).
+
+Each sample is the SAM-preprocessed image (longest side resized, normalised,
+zero-padded), up to ``max_masks`` of its masks (in the padded input frame, at
+``mask_size``), their XYXY boxes and one point each, in input-frame pixels. A bad
+sample (unreadable image, malformed JSON, RLE of the wrong size, no usable mask)
+comes back as a :class:`SkippedSample`, is logged once by file name, and is
+dropped and counted by :func:`collate_samples`; :class:`SkipReport` summarises a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch.utils.data import Dataset
+
+from tinysam.data.transforms import ImageError, load_image, prepare_image
+from tinysam.models.build import PIXEL_MEAN, PIXEL_STD
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample that could not be used, and why."""
+
+    path: str
+    reason: str
+
+
+class BadSample(ValueError):
+    """Raised inside the reader for one unusable sample; turned into a :class:`SkippedSample`."""
+
+
+class SkipReport:
+    """Counts skipped samples over a pass and logs one summary line at its end."""
+
+    def __init__(self, name: str = "dataset") -> None:
+        self.name = name
+        self.reasons: Counter[str] = Counter()
+        self.seen = 0
+
+    def add(self, used: int, skipped: Sequence[SkippedSample]) -> None:
+        self.seen += used + len(skipped)
+        self.reasons.update(s.reason.split(":")[0] for s in skipped)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        if not self.reasons:
+            return f"{self.name}: {self.seen} samples, none skipped"
+        detail = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
+        return f"{self.name}: skipped {self.skipped} of {self.seen} samples ({detail})"
+
+    def end_pass(self) -> str:
+        """Log and return the summary, then start counting the next pass."""
+        text = self.summary()
+        (log.warning if self.reasons else log.info)(text)
+        self.reasons.clear()
+        self.seen = 0
+        return text
+
+
+def find_pairs(roots: str | Path | Sequence[str | Path]) -> tuple[list[tuple[Path, Path]], list[SkippedSample]]:
+    """Image/JSON pairs under each root (sorted by name) and the images that have no JSON."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    pairs, orphans = [], []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise FileNotFoundError(f"SA-1B folder {root} does not exist; pass data folders that hold sa_*.jpg + sa_*.json")
+        for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            annotation = image.with_suffix(".json")
+            if annotation.is_file():
+                pairs.append((image, annotation))
+            else:
+                orphans.append(SkippedSample(str(image), f"no annotation: {annotation.name} is missing"))
+    return pairs, orphans
+
+
+def _read_annotations(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        record["image"]["height"], record["image"]["width"]  # noqa: B018 - presence check
+        if not isinstance(record["annotations"], list):
+            raise TypeError("annotations is not a list")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BadSample(f"malformed JSON: {path.name}: {type(err).__name__} {err}") from None
+    return record
+
+
+class SA1BDataset(Dataset):
+    """SA-1B-layout folders as training samples for promptable segmentation.
+
+    Args:
+        roots: one folder or a list of folders of ``sa_<id>.jpg`` + ``sa_<id>.json``.
+        image_size: the model input side (longest side resized to it, then padded).
+        max_masks: at most this many masks per image, drawn at random (seeded per epoch); drawn
+            masks that vanish when down-sampled to ``mask_size`` are then dropped.
+        min_mask_area: masks smaller than this (original pixels) are not used.
+        mask_size: side of the returned masks in the padded input frame (default ``image_size // 4``,
+            the resolution of SAM's low-res mask logits).
+        seed: seed of the mask selection and of fallback points.
+    """
+
+    def __init__(
+        self,
+        roots: str | Path | Sequence[str | Path],
+        image_size: int = 1024,
+        max_masks: int = 64,
+        min_mask_area: float = 0.0,
+        mask_size: int | None = None,
+        seed: int = 0,
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
+    ) -> None:
+        self.pairs, self.orphans = find_pairs(roots)
+        for orphan in self.orphans:
+            log.warning("skipping %s (%s)", orphan.path, orphan.reason)
+        self.image_size = image_size
+        self.max_masks = max_masks
+        self.min_mask_area = min_mask_area
+        self.mask_size = mask_size or image_size // 4
+        self.seed = seed
+        self.epoch = 0
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        self.transform = ResizeLongestSide(image_size)
+        self._logged: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose another random subset of masks per image (seeded by ``seed`` and ``epoch``)."""
+        self.epoch = epoch
+
+    def names(self) -> list[str]:
+        """The sample names (file stems, e.g. ``sa_1``) in index order."""
+        return [image.stem for image, _ in self.pairs]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        image_path, json_path = self.pairs[index]
+        try:
+            return self._load(index, image_path, json_path)
+        except (BadSample, ImageError, FileNotFoundError) as err:
+            skipped = SkippedSample(str(image_path), str(err))
+            if skipped.path not in self._logged:
+                self._logged.add(skipped.path)
+                log.warning("skipping %s (%s)", skipped.path, skipped.reason)
+            return skipped
+
+    def _load(self, index: int, image_path: Path, json_path: Path) -> dict[str, Any]:
+        record = _read_annotations(json_path)
+        try:
+            rgb = load_image(image_path)
+        except ImageError as err:
+            raise BadSample(f"unreadable image: {err}") from None
+        h, w = rgb.shape[:2]
+        if (record["image"]["height"], record["image"]["width"]) != (h, w):
+            raise BadSample(
+                f"size mismatch: JSON says {record['image']['height']}x{record['image']['width']}, image is {h}x{w}"
+            )
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        annotations = self._select(record["annotations"], (h, w), json_path, rng)
+        image, input_size = prepare_image(rgb, self.image_size, self.pixel_mean, self.pixel_std)
+        rles = [a["segmentation"] for a in annotations]
+        masks = mask_utils.decode([dict(r, counts=r["counts"].encode()) if isinstance(r["counts"], str) else r for r in rles])
+        small = self._masks_in_input_frame(masks, input_size)
+        visible = small.flatten(1).any(1).numpy()  # masks thinner than a cell vanish at mask_size
+        if not visible.any():
+            raise BadSample(f"no usable mask: all {len(annotations)} masks vanish at {self.mask_size}x{self.mask_size}")
+        annotations = [a for a, keep in zip(annotations, visible) if keep]
+        masks = masks[..., visible]
+        boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # SA-1B boxes are XYWH; SAM wants XYXY
+        points = np.array([self._point(a, masks[..., i], rng) for i, a in enumerate(annotations)], dtype=np.float64)
+        return {
+            "image": image,
+            "masks": small[torch.from_numpy(visible)],
+            "boxes": torch.from_numpy(self.transform.apply_boxes(boxes, (h, w))).float(),
+            "points": torch.from_numpy(self.transform.apply_coords(points, (h, w))).float(),
+            "image_id": int(record["image"].get("image_id", -1)),
+            "name": image_path.stem,
+            "original_size": (h, w),
+            "input_size": input_size,
+        }
+
+    def _select(self, annotations: list, size: tuple[int, int], json_path: Path, rng: np.random.Generator) -> list:
+        usable = []
+        for i, ann in enumerate(annotations):
+            try:
+                rle_size = tuple(ann["segmentation"]["size"])
+                area, (x, y, bw, bh) = float(ann["area"]), ann["bbox"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise BadSample(f"malformed JSON: {json_path.name} annotation {i}: {type(err).__name__} {err}") from None
+            if rle_size != size:
+                raise BadSample(f"RLE size mismatch: annotation {i} has size {list(rle_size)}, image is {list(size)}")
+            if area >= self.min_mask_area and bw > 0 and bh > 0:
+                usable.append(ann)
+        if not usable:
+            raise BadSample(f"no usable mask: none of {len(annotations)} masks has area >= {self.min_mask_area}")
+        if len(usable) > self.max_masks:
+            keep = np.sort(rng.choice(len(usable), self.max_masks, replace=False))
+            usable = [usable[i] for i in keep]
+        return usable
+
+    @staticmethod
+    def _point(annotation: dict, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+        coords = annotation.get("point_coords")
+        if coords:
+            return float(coords[0][0]), float(coords[0][1])
+        ys, xs = np.nonzero(mask)
+        if not len(xs):
+            raise BadSample(f"no usable mask: annotation {annotation.get('id')} is empty")
+        pick = int(rng.integers(len(xs)))
+        return float(xs[pick]) + 0.5, float(ys[pick]) + 0.5
+
+    def _masks_in_input_frame(self, masks: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
+        """(H, W, K) original-size masks to (K, m, m) bool in the padded input frame at ``mask_size``."""
+        scale = self.mask_size / self.image_size
+        h, w = max(1, round(input_size[0] * scale)), max(1, round(input_size[1] * scale))
+        x = torch.from_numpy(masks).permute(2, 0, 1)[:, None].float()
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[:, 0] >= 0.5
+        return F.pad(x, (0, self.mask_size - w, 0, self.mask_size - h))
+
+
+def collate_samples(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
+    """Stack samples, padding the per-image masks / boxes / points to the batch's most.
+
+    ``valid`` (B, K) marks real entries; ``skipped`` lists the samples dropped from this batch.
+    """
+    samples = [s for s in batch if not isinstance(s, SkippedSample)]
+    out: dict[str, Any] = {"skipped": [s for s in batch if isinstance(s, SkippedSample)]}
+    if not samples:
+        return out
+    k = max(len(s["boxes"]) for s in samples)
+    valid = torch.zeros(len(samples), k, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        valid[i, : len(s["boxes"])] = True
+
+    def pad(key: str) -> torch.Tensor:
+        return torch.stack([F.pad(s[key], (0, 0) * (s[key].dim() - 1) + (0, k - len(s[key]))) for s in samples])
+
+    out.update(
+        image=torch.stack([s["image"] for s in samples]),
+        masks=pad("masks"),
+        boxes=pad("boxes"),
+        points=pad("points"),
+        valid=valid,
+        image_id=torch.tensor([s["image_id"] for s in samples]),
+        name=[s["name"] for s in samples],
+        original_size=[s["original_size"] for s in samples],
+        input_size=[s["input_size"] for s in samples],
+    )
+    return out
