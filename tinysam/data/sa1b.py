@@ -265,3 +265,47 @@ def collate_samples(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, An
         input_size=[s["input_size"] for s in samples],
     )
     return out
+
+
+class SA1BImages(Dataset):
+    """The images alone of SA-1B-layout folders, SAM-preprocessed, e.g. for the teacher embedding pass.
+
+    Samples named in ``skip_names`` (already done) are left out; unreadable images come
+    back as :class:`SkippedSample`.
+    """
+
+    def __init__(
+        self,
+        roots: str | Path | Sequence[str | Path],
+        image_size: int,
+        skip_names: Sequence[str] = (),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
+    ) -> None:
+        pairs, self.orphans = find_pairs(roots)
+        skip = set(skip_names)
+        self.images = [image for image, _ in pairs if image.stem not in skip]
+        self.image_size = image_size
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        path = self.images[index]
+        try:
+            rgb = load_image(path)
+        except (ImageError, FileNotFoundError) as err:
+            log.warning("skipping %s (%s)", path, err)
+            return SkippedSample(str(path), f"unreadable image: {err}")
+        image, input_size = prepare_image(rgb, self.image_size, self.pixel_mean, self.pixel_std)
+        return {"image": image, "name": path.stem, "input_size": input_size}
+
+
+def collate_images(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
+    """Stack :class:`SA1BImages` samples; ``skipped`` lists those dropped from the batch."""
+    samples = [s for s in batch if not isinstance(s, SkippedSample)]
+    out: dict[str, Any] = {"skipped": [s for s in batch if isinstance(s, SkippedSample)], "name": []}
+    if samples:
+        out.update(image=torch.stack([s["image"] for s in samples]), name=[s["name"] for s in samples])
+    return out

@@ -284,9 +284,13 @@ def generate(cfg: ToyWorldConfig) -> Path:
         write_split(tmp / "train", "train", cfg.n_train, cfg)
         write_split(tmp / "val", "val", cfg.n_val, cfg)
         _write_json(tmp / MANIFEST, wanted)
-        if out.exists():
+        if out.exists() and not any(out.iterdir()):
             out.rmdir()
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process (a DDP rank) finished the same world first
+            if not (done.is_file() and json.loads(done.read_text()) == wanted):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
