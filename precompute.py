@@ -3,6 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from tinysam.config import register_resolvers
+
+register_resolvers()
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="precompute")
 def main(cfg: DictConfig) -> None:

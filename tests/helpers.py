@@ -10,11 +10,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tinysam.config import register_resolvers
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """The config ``name`` with ``overrides``, composed exactly as the entry script would."""
+    register_resolvers()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 

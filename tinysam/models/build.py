@@ -204,6 +204,24 @@ def build_teacher(name: str = "vit_h", checkpoint: str | Path | None = None, ima
     return model
 
 
+def build_model(
+    name: str, checkpoint: str | Path | None = None, image_size: int | None = None, drop_path_rate: float = 0.0
+) -> Sam:
+    """Build any registered architecture (student or teacher) as a trainable model.
+
+    Used when a ViT is itself trained, as the toy teacher is by ``experiment=toy_teacher``.
+    """
+    from tinysam.models.checkpoint import load_checkpoint
+
+    if name in STUDENTS:
+        model = build_student_arch(name, image_size, drop_path_rate)
+    else:
+        model = build_teacher_arch(name, image_size)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.train()
+
+
 def architecture_builders() -> dict[str, Callable[[], Sam]]:
     """Every registered architecture by name, each as a zero-argument builder."""
     builders: dict[str, Callable[[], Sam]] = {n: partial(build_student_arch, n) for n in STUDENTS}

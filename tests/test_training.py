@@ -1,0 +1,163 @@
+"""Distillation training: learning, NaN stop, exact resume after SIGKILL, DDP, configs of every experiment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from helpers import REPO, compose_config, run_script, run_script_ok
+from tinysam import build_student, build_teacher
+from tinysam.data.toyworld import ToyWorldConfig, generate
+from tinysam.distill.datamodule import DistillDataModule, collate_with_embeddings
+from tinysam.distill.losses import DistillLoss
+from tinysam.distill.module import DistillModule
+from tinysam.distill.prompts import HardPromptSampler
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+def _small_run(root: Path, steps: int, every: int) -> list[str]:
+    """A few-second toy run: 16 images, no validation, checkpoints every ``every`` steps."""
+    return [
+        f"paths.root_dir={root}",
+        "data.toyworld.n_train=16",
+        "data.toyworld.n_val=0",
+        "data.val_dirs=[]",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "prompts.prompts_per_image=4",
+        "prompts.max_rounds=2",
+        f"trainer.max_steps={steps}",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
+        "module.image_log_every=0",
+        "logger=csv",
+        "~callbacks.progress_bar",
+    ]
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    world = generate(ToyWorldConfig(out=str(tmp_path / "w"), n_train=8, n_val=0))
+    dm = DistillDataModule("toy", [str(world / "train")], [], 256, None, batch_size=8, num_workers=0)
+    dm.setup("fit")
+    batch = collate_with_embeddings([dm.train_set[i] for i in range(8)])
+    torch.manual_seed(0)
+    teacher = build_teacher("vit_toy")
+    with torch.no_grad():
+        batch["teacher_embedding"] = teacher.image_encoder(batch["image"])
+    module = DistillModule(build_student("tinyvit_toy"), teacher, DistillLoss(), HardPromptSampler(max_rounds=0, seed=0))
+    module.log = lambda *args, **kwargs: None
+    optimizer = torch.optim.AdamW(module.student.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        module.sampler.load_state_dict(HardPromptSampler(max_rounds=0, seed=0).state_dict())  # same prompts
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_non_finite_loss_names_step_and_term(toy_student):
+    module = DistillModule(toy_student, None, DistillLoss(0, 0, 0, 1), HardPromptSampler())
+    with pytest.raises(FloatingPointError, match=r"step 0: term 'gt' = nan"):
+        module._check_finite({"gt": torch.tensor(float("nan")), "total": torch.tensor(1.0)})
+
+
+def test_teacher_terms_without_teacher_are_refused(toy_student):
+    with pytest.raises(ValueError, match="teacher=null"):
+        DistillModule(toy_student, None, DistillLoss(), HardPromptSampler())
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    killed.mkdir(), clean.mkdir()
+    overrides = _small_run(killed, steps=16, every=4)
+    proc = run_script("train.py", overrides, cwd=killed)
+    ckpt_dir = killed / "outputs" / "train" / "toy_distill" / "checkpoints"
+    deadline = time.time() + 400
+    while time.time() < deadline and not (ckpt_dir / "last.ckpt").exists():  # written atomically by Lightning
+        time.sleep(0.02)
+        assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt_dir / "student.safetensors").exists(), "the run was killed before its end"
+    run_script_ok("train.py", overrides + ["ckpt_path=last"], cwd=killed)
+    run_script_ok("train.py", _small_run(clean, steps=16, every=4), cwd=clean)
+    resumed = load_file(ckpt_dir / "student.safetensors")
+    uninterrupted = load_file(clean / "outputs" / "train" / "toy_distill" / "checkpoints" / "student.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    dump = tmp_path / "ranks"
+    overrides = _small_run(tmp_path, steps=3, every=100) + [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "+callbacks.rank_dump._target_=rank_dump.RankDump",
+        f"+callbacks.rank_dump.dirpath={dump}",
+    ]
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{REPO / 'tests'}{os.pathsep}{env_path}"
+    try:
+        run_script_ok("precompute.py", [f"paths.root_dir={tmp_path}", "data.toyworld.n_train=16", "data.toyworld.n_val=0",
+                                        "splits=[train]", "num_workers=0"], cwd=tmp_path)
+        run_script_ok("train.py", overrides, cwd=tmp_path)
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
+    student = build_student("tinyvit_toy")
+    initial = student.state_dict()
+    parameters = [name for name, _ in student.named_parameters()]  # BatchNorm running stats are per-rank buffers
+    assert len(parameters) > 200
+    assert any(not torch.equal(rank0[k], initial[k]) for k in parameters if k.startswith("image_encoder")), "it trained"
+    for key in parameters:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(tmp_path, experiment):
+    cfg = compose_config("train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}", "paths.output_dir=out"])
+    assert cfg.run_name == experiment
+    loss = instantiate(cfg.distill)
+    sampler = instantiate(cfg.prompts)
+    assert isinstance(loss, DistillLoss) and isinstance(sampler, HardPromptSampler)
+    assert cfg.student._target_.startswith("tinysam.models.build.")
+    if cfg.get("teacher"):
+        assert cfg.teacher.name in {"vit_toy", "vit_h", "vit_l", "vit_b"}
+    with torch.device("meta"):
+        student = instantiate(cfg.student)
+    assert student.image_encoder.img_size == cfg.data.image_size
+    assert cfg.module._target_ == "tinysam.distill.module.DistillModule"
+
+
+def test_default_experiment_is_the_toy_distillation(tmp_path):
+    cfg = compose_config("train", [f"paths.root_dir={tmp_path}"])
+    assert cfg.run_name == "toy_distill" and cfg.teacher.name == "vit_toy" and cfg.student.name == "tinyvit_toy"
+    assert Path(cfg.teacher.checkpoint).is_file(), "the shipped toy teacher"
+
+
+def test_a_wrong_key_fails_at_start(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="outptu_weight"):
+        compose_config("train", [f"paths.root_dir={tmp_path}", "distill.outptu_weight=0"])
+
+
+def test_multirun_sweep(tmp_path):
+    overrides = ["-m", "distill.output_weight=0,1", "trainer.max_steps=2"] + [
+        o for o in _small_run(tmp_path, steps=2, every=100) if not o.startswith("trainer.max_steps")
+    ]
+    out = run_script_ok("train.py", overrides, cwd=tmp_path)
+    sweep = tmp_path / "outputs" / "train" / "toy_distill-multirun"
+    assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file(), out[-2000:]

@@ -1,0 +1,101 @@
+"""The training stage: compose the parts from config, make sure the teacher store exists, fit, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tinysam.data.embedding_store import StoreError, read_manifest
+from tinysam.distill.callbacks import DataWaitMonitor, ExportStudent
+from tinysam.distill.module import VAL_KINDS, DistillModule
+
+log = logging.getLogger(__name__)
+
+
+def ensure_store(cfg: DictConfig) -> None:
+    """Precompute the teacher store in this process when it is missing or unfinished (single process only)."""
+    store = Path(cfg.store_dir)
+    try:
+        if read_manifest(store).get("complete"):
+            return
+    except StoreError:
+        pass
+    if cfg.trainer.get("devices", 1) not in (1, "1") or cfg.trainer.get("num_nodes", 1) != 1:
+        raise StoreError(
+            f"embedding store {store} is missing or unfinished; under DDP compute it first: "
+            f"python precompute.py data={cfg.data.name} teacher=... trainer=ddp"
+        )
+    from tinysam.distill.precompute import run as precompute
+
+    log.info("embedding store %s is missing: computing it now", store)
+    precompute(
+        OmegaConf.create(
+            {
+                "seed": cfg.seed,
+                "data": OmegaConf.to_container(cfg.data, resolve=True),
+                "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+                "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": cfg.trainer.accelerator,
+                            "devices": 1, "logger": False},
+                "splits": ["train", "val"] if cfg.data.val_dirs else ["train"],
+                "store_dir": str(store),
+                "shard_size": 256,
+                "batch_size": 8,
+                "num_workers": 0,
+            }
+        )
+    )
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Markdown table of the held-out mIoUs that validation logged."""
+    rows = ["| prompt | student vs GT | student vs teacher | teacher vs GT |", "|---|---|---|---|"]
+    for kind in VAL_KINDS:
+        cells = [metrics.get(f"val/{kind}_miou_gt"), metrics.get(f"val/{kind}_miou_teacher"),
+                 metrics.get(f"val/teacher_{kind}_miou_gt")]
+        rows.append(f"| {kind} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns the final validation metrics (also written to ``results.json``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
+    if teacher is not None:
+        ensure_store(cfg)
+    L.seed_everything(cfg.seed, workers=True)  # the student's init must not depend on whether a store was just made
+    student = instantiate(cfg.student)
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is not None and model.image_encoder.img_size != cfg.data.image_size:
+            raise ValueError(
+                f"{name} {getattr(model, 'arch', '')} takes {model.image_encoder.img_size} px but "
+                f"data.image_size={cfg.data.image_size}; set data.image_size or pick another {name}"
+            )
+    datamodule = instantiate(cfg.data, store_dir=cfg.store_dir if teacher is not None else None)
+    module: DistillModule = instantiate(
+        cfg.module, student=student, teacher=teacher, loss=instantiate(cfg.distill), sampler=instantiate(cfg.prompts)
+    )
+    wait = DataWaitMonitor()
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [
+        ExportStudent(str(output_dir / "checkpoints"), made_from=f"train.py {cfg.run_name}"),
+        wait,
+    ]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {}
+    if datamodule.val_dirs:
+        metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    metrics["data_wait_fraction"] = wait.fraction
+    metrics["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        (output_dir / "results.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        print(f"\nheld-out mIoU ({cfg.run_name}, step {trainer.global_step}):\n{metrics_table(metrics)}")
+        print(f"data-wait fraction: {wait.fraction:.3f}; student: {output_dir / 'checkpoints' / 'student.safetensors'}")
+    return metrics
