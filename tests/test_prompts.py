@@ -97,3 +97,18 @@ def test_same_seed_same_prompts_and_state_round_trip():
     assert HardPromptSampler(mode="none").max_rounds == 0
     with pytest.raises(ValueError, match="prompts.mode"):
         HardPromptSampler(mode="random")
+
+
+def test_prompt_grid_shows_student_and_teacher_side_by_side():
+    from tinysam.distill.visualize import prompt_grid
+
+    image = torch.zeros(3, SIZE, SIZE)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[:, 4:8, 4:8] = True
+    prompts = Prompts(torch.zeros(2, dtype=torch.long), points=torch.tensor([[[20.0, 20]], [[40, 40]]]),
+                      labels=torch.tensor([[1], [0]], dtype=torch.int))
+    mean, std = torch.full((3,), 100.0), torch.full((3,), 50.0)
+    grid = prompt_grid(image, mean, std, prompts, masks, ~masks)
+    assert grid.shape == (3, SIZE, 2 * SIZE) and grid.dtype == torch.uint8
+    assert not torch.equal(grid[:, :, :SIZE], grid[:, :, SIZE:]), "the two panels differ"
+    assert prompt_grid(image, mean, std, prompts, masks, None).shape == (3, SIZE, SIZE)

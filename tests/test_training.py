@@ -161,3 +161,14 @@ def test_multirun_sweep(tmp_path):
     out = run_script_ok("train.py", overrides, cwd=tmp_path)
     sweep = tmp_path / "outputs" / "train" / "toy_distill-multirun"
     assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file(), out[-2000:]
+
+
+def test_bad_samples_are_counted_per_pass(tmp_path):
+    world = generate(ToyWorldConfig(out=str(tmp_path / "w"), n_train=6, n_val=0))
+    (world / "train" / "sa_3.json").write_text("{broken")
+    dm = DistillDataModule("toy", [str(world / "train")], [], 256, None, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    used = sum(len(dm.on_before_batch_transfer(b, 0).get("name", [])) for b in dm.train_dataloader())
+    assert used == 5
+    assert "skipped 1 of 6 samples (1 malformed JSON)" in dm.end_pass("train")
+    assert dm.skips["train"].seen == 0

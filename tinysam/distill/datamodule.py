@@ -168,6 +168,13 @@ class DistillDataModule(L.LightningDataModule):
             self._resume = (state["epoch"], state["batches"] * self.batch_size)
             log.info("resuming data at epoch %d, batch %d", state["epoch"], state["batches"])
 
-    def skip_report(self, stage: str) -> SkipReport:
-        return self.skips[stage]
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Count the samples each batch dropped (runs in the main process, whatever the workers)."""
+        stage = "val" if self.trainer is not None and not self.trainer.training else "train"
+        self.skips[stage].add(len(batch.get("name", [])), batch["skipped"])
+        return batch
+
+    def end_pass(self, stage: str) -> str:
+        """Log and reset the skip summary of a finished training or validation pass."""
+        return self.skips[stage].end_pass()
 

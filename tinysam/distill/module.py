@@ -194,6 +194,17 @@ class DistillModule(L.LightningModule):
                 self.log(f"val/{kind}_miou_teacher", mask_iou(s, t > 0).mean(), batch_size=len(gt), sync_dist=True)
                 self.log(f"val/teacher_{kind}_miou_gt", mask_iou(t[:, None], gt).mean(), batch_size=len(gt), sync_dist=True)
 
+    def on_train_epoch_end(self) -> None:
+        self._end_data_pass("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_data_pass("val")
+
+    def _end_data_pass(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "end_pass"):
+            datamodule.end_pass(stage)
+
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.student.parameters() if p.requires_grad]
