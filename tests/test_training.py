@@ -80,7 +80,7 @@ def test_teacher_terms_without_teacher_are_refused(toy_student):
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
-    overrides = _small_run(killed, steps=16, every=4)
+    overrides = _small_run(killed, steps=16, every=3)  # 4 batches an epoch: step 3 is mid-epoch
     proc = run_script("train.py", overrides, cwd=killed)
     ckpt_dir = killed / "outputs" / "train" / "toy_distill" / "checkpoints"
     deadline = time.time() + 400
@@ -90,8 +90,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (ckpt_dir / "student.safetensors").exists(), "the run was killed before its end"
-    run_script_ok("train.py", overrides + ["ckpt_path=last"], cwd=killed)
-    run_script_ok("train.py", _small_run(clean, steps=16, every=4), cwd=clean)
+    out = run_script_ok("train.py", overrides + ["ckpt_path=last"], cwd=killed)
+    assert "resuming data at epoch 0, batch 3" in out or "resuming data at epoch 1, batch 2" in out, out[-3000:]
+    run_script_ok("train.py", _small_run(clean, steps=16, every=3), cwd=clean)
     resumed = load_file(ckpt_dir / "student.safetensors")
     uninterrupted = load_file(clean / "outputs" / "train" / "toy_distill" / "checkpoints" / "student.safetensors")
     assert resumed.keys() == uninterrupted.keys()

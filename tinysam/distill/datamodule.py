@@ -34,7 +34,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch = epoch
 
     def resume_at(self, epoch: int, offset: int) -> None:
-        """Skip the first ``offset`` samples of ``epoch`` (once)."""
+        """Skip the first ``offset`` samples of ``epoch`` (later epochs start at their beginning)."""
         self.resume_epoch, self.resume_offset = epoch, offset
 
     def __len__(self) -> int:
@@ -46,8 +46,8 @@ class ResumableSampler(Sampler[int]):
         else:
             order = torch.arange(self.size)
         shard = order[self.rank :: self.world_size][: self.per_rank].tolist()
+        # Lightning may create the iterator of the resumed epoch more than once: skip every time.
         start = self.resume_offset if self.epoch == self.resume_epoch else 0
-        self.resume_epoch = -1
         return iter(shard[start:])
 
 
@@ -167,6 +167,8 @@ class DistillDataModule(L.LightningDataModule):
         if state:
             self._resume = (state["epoch"], state["batches"] * self.batch_size)
             log.info("resuming data at epoch %d, batch %d", state["epoch"], state["batches"])
+            if hasattr(self, "train_sampler"):  # Lightning restores the datamodule after setup()
+                self.train_sampler.resume_at(*self._resume)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Count the samples each batch dropped (runs in the main process, whatever the workers)."""

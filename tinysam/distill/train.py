@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the final validation metrics (also written to ``results.json``)."""
+    # DistillDataModule restores the data position itself (its state_dict), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
