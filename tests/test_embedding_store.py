@@ -8,18 +8,19 @@ import signal
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
 
 from helpers import compose_config, run_script, run_script_ok
 from tinysam import build_teacher
+from tinysam.assets import asset_path
 from tinysam.data.embedding_store import (
     EmbeddingStore,
     ShardWriter,
     StoreError,
     StoreSpec,
+    file_sha256,
     finalize,
     open_for_writing,
     verify,
@@ -73,8 +74,7 @@ def test_precompute_matches_direct_teacher_forward(tmp_path):
     store_dir = run(cfg)
     store = EmbeddingStore(store_dir, teacher="vit_toy", image_size=256)
     assert len(store) == 8
-    L.seed_everything(0)
-    teacher = build_teacher("vit_toy")
+    teacher = build_teacher("vit_toy", checkpoint=asset_path("toy_teacher.safetensors"))
     pairs, _ = find_pairs([tmp_path / "data" / "toyworld" / "train", tmp_path / "data" / "toyworld" / "val"])
     mean, std = teacher.pixel_mean.flatten(), teacher.pixel_std.flatten()
     for image, _ in pairs:
@@ -83,7 +83,8 @@ def test_precompute_matches_direct_teacher_forward(tmp_path):
             direct = teacher.image_encoder(x[None])[0]
         assert torch.allclose(store[image.stem], direct.half().float(), atol=1e-3), image.stem
     manifest = json.loads((store_dir / "manifest.json").read_text())
-    assert manifest["teacher_checkpoint_sha256"] == "random-init:seed=0" and manifest["record_shape"] == [128, 16, 16]
+    assert manifest["teacher_checkpoint_sha256"] == file_sha256(asset_path("toy_teacher.safetensors"))
+    assert manifest["record_shape"] == [128, 16, 16]
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
 
 

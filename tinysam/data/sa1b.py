@@ -202,7 +202,7 @@ class SA1BDataset(Dataset):
         for i, ann in enumerate(annotations):
             try:
                 rle_size = tuple(ann["segmentation"]["size"])
-                area, (x, y, bw, bh) = float(ann["area"]), ann["bbox"]
+                area, (_, _, bw, bh) = float(ann["area"]), ann["bbox"]
             except (KeyError, TypeError, ValueError) as err:
                 raise BadSample(f"malformed JSON: {json_path.name} annotation {i}: {type(err).__name__} {err}") from None
             if rle_size != size:
