@@ -140,14 +140,17 @@ def finished_shards(store: str | Path) -> list[Path]:
     return sorted(p for p in (Path(store) / SHARDS).glob("r*-*.json"))
 
 
-def clean_partial(store: str | Path, rank: int) -> None:
-    """Remove this rank's leftovers of a killed run: temporary files and shards without their JSON."""
+def clean_partial(store: str | Path) -> None:
+    """Remove a killed run's leftovers: temporary files and shards whose JSON was never committed.
+
+    Call it before any rank writes (precompute does so on rank 0 before the post-setup barrier).
+    """
     shards = Path(store) / SHARDS
-    for tmp in shards.glob(f".r{rank:03d}-*"):
+    for tmp in shards.glob(".r*"):
         tmp.unlink(missing_ok=True)
-    for npy in shards.glob(f"r{rank:03d}-*.npy"):
+    for npy in shards.glob("r*-*.npy"):
         if not npy.with_suffix(".json").is_file():
-            npy.unlink()
+            npy.unlink(missing_ok=True)
 
 
 def done_names(store: str | Path) -> set[str]:

@@ -16,9 +16,9 @@ from segment_anything.modeling import Sam
 from torch.utils.data import DataLoader
 
 from tinysam.data.embedding_store import (
-    SHARDS,
     ShardWriter,
     StoreSpec,
+    clean_partial,
     done_names,
     file_sha256,
     finalize,
@@ -88,10 +88,7 @@ class StoreWriter(BasePredictionWriter):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:  # nobody writes before the post-setup barrier
-            shards = Path(self.store_dir) / SHARDS
-            for leftover in [*shards.glob(".r*"), *shards.glob("r*-*.npy")]:
-                if leftover.name.startswith(".") or not leftover.with_suffix(".json").is_file():
-                    leftover.unlink(missing_ok=True)
+            clean_partial(self.store_dir)
         self.writer = ShardWriter(self.store_dir, trainer.global_rank, self.spec, self.shard_size)
         self.skips = SkipReport(f"precompute rank {trainer.global_rank}")
 

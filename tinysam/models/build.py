@@ -8,7 +8,7 @@ and ``TwoWayTransformer``. Toy variants are the same classes at small widths and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -228,12 +228,3 @@ def architecture_builders() -> dict[str, Callable[[], Sam]]:
     builders.update({n: partial(build_teacher_arch, n) for n in (*SAM_TEACHERS, *TOY_TEACHERS)})
     return builders
 
-
-def spec_dict(name: str) -> dict:
-    """The registered hyper-parameters of ``name`` as a plain dict (for metadata)."""
-    if name in SAM_TEACHERS:
-        return {"segment_anything_registry": name, "image_size": 1024}
-    registry = {**STUDENTS, **TOY_TEACHERS}
-    if name not in registry:
-        raise _unknown(name, registry)
-    return asdict(registry[name])
