@@ -173,3 +173,17 @@ def test_bad_samples_are_counted_per_pass(tmp_path):
     assert used == 5
     assert "skipped 1 of 6 samples (1 malformed JSON)" in dm.end_pass("train")
     assert dm.skips["train"].seen == 0
+
+
+def test_training_refuses_a_store_of_another_teacher_checkpoint(tmp_path):
+    from tinysam.data.embedding_store import read_manifest
+
+    overrides = _small_run(tmp_path, steps=1, every=100)
+    run_script_ok("precompute.py", [f"paths.root_dir={tmp_path}", "data.toyworld.n_train=16", "data.toyworld.n_val=0",
+                                    "splits=[train]", "num_workers=0", "teacher.checkpoint=null"], cwd=tmp_path)
+    store = tmp_path / "data" / "cache" / "embeddings" / "toyworld-vit_toy"
+    assert read_manifest(store)["teacher_checkpoint_sha256"] == "random-init:seed=0"
+    proc = run_script("train.py", overrides, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "teacher_checkpoint_sha256='random-init:seed=0' but teacher_checkpoint_sha256=" in out

@@ -12,9 +12,10 @@ import lightning.pytorch as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tinysam.data.embedding_store import StoreError, read_manifest
+from tinysam.data.embedding_store import EmbeddingStore, StoreError, read_manifest
 from tinysam.distill.callbacks import DataWaitMonitor, ExportStudent
 from tinysam.distill.module import VAL_KINDS, DistillModule
+from tinysam.distill.precompute import teacher_store_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
     if teacher is not None:
         ensure_store(cfg)
+        spec = teacher_store_spec(teacher, cfg.teacher.name, cfg.teacher.checkpoint, cfg.seed)
+        # refuses a store made with another teacher, checkpoint or image size, naming the field
+        EmbeddingStore(cfg.store_dir, spec.teacher, spec.image_size, spec.teacher_checkpoint_sha256)
     L.seed_everything(cfg.seed, workers=True)  # the student's init must not depend on whether a store was just made
     student = instantiate(cfg.student)
     for name, model in (("student", student), ("teacher", teacher)):
