@@ -236,13 +236,19 @@ class SA1BDataset(Dataset):
         return F.pad(x, (0, self.mask_size - w, 0, self.mask_size - h))
 
 
+def split_skipped(batch: list[dict[str, Any] | SkippedSample]) -> tuple[list[dict[str, Any]], list[SkippedSample]]:
+    """The usable samples of a batch and the skipped ones."""
+    skipped = [s for s in batch if isinstance(s, SkippedSample)]
+    return [s for s in batch if not isinstance(s, SkippedSample)], skipped
+
+
 def collate_samples(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
     """Stack samples, padding the per-image masks / boxes / points to the batch's most.
 
     ``valid`` (B, K) marks real entries; ``skipped`` lists the samples dropped from this batch.
     """
-    samples = [s for s in batch if not isinstance(s, SkippedSample)]
-    out: dict[str, Any] = {"skipped": [s for s in batch if isinstance(s, SkippedSample)]}
+    samples, skipped = split_skipped(batch)
+    out: dict[str, Any] = {"skipped": skipped}
     if not samples:
         return out
     k = max(len(s["boxes"]) for s in samples)
@@ -304,8 +310,8 @@ class SA1BImages(Dataset):
 
 def collate_images(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
     """Stack :class:`SA1BImages` samples; ``skipped`` lists those dropped from the batch."""
-    samples = [s for s in batch if not isinstance(s, SkippedSample)]
-    out: dict[str, Any] = {"skipped": [s for s in batch if isinstance(s, SkippedSample)], "name": []}
+    samples, skipped = split_skipped(batch)
+    out: dict[str, Any] = {"skipped": skipped, "name": []}
     if samples:
         out.update(image=torch.stack([s["image"] for s in samples]), name=[s["name"] for s in samples])
     return out

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tinysam.data.embedding_store import EmbeddingStore
-from tinysam.data.sa1b import SA1BDataset, SkippedSample, SkipReport, collate_samples
+from tinysam.data.sa1b import SA1BDataset, SkippedSample, SkipReport, collate_samples, split_skipped
 from tinysam.data.toyworld import ToyWorldConfig, generate
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class EmbeddedSamples(Dataset):
 
 
 def collate_with_embeddings(batch: list) -> dict[str, Any]:
+    """:func:`collate_samples` plus the stacked ``teacher_embedding`` when the samples have one."""
     out = collate_samples(batch)
-    samples = [s for s in batch if not isinstance(s, SkippedSample)]
+    samples, _ = split_skipped(batch)
     if samples and "teacher_embedding" in samples[0]:
         out["teacher_embedding"] = torch.stack([s["teacher_embedding"] for s in samples])
     return out
@@ -129,11 +130,12 @@ class DistillDataModule(L.LightningDataModule):
             store = EmbeddingStore(self.store_dir, image_size=self.image_size)
         self.train_set = self._dataset(self.train_dirs, store)
         self.val_set = self._dataset(self.val_dirs, store) if self.val_dirs else None
-        rank = self.trainer.global_rank if self.trainer else 0
-        world = self.trainer.world_size if self.trainer else 1
-        self.train_sampler = ResumableSampler(len(self.train_set), self.seed, rank, world)
+        self.train_sampler = ResumableSampler(len(self.train_set), self.seed, *self._rank_and_world())
         if self._resume is not None:
             self.train_sampler.resume_at(*self._resume)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -152,9 +154,8 @@ class DistillDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        rank = self.trainer.global_rank if self.trainer else 0
-        world = self.trainer.world_size if self.trainer else 1
-        return self._loader(self.val_set, ResumableSampler(len(self.val_set), 0, rank, world, shuffle=False), 4)
+        sampler = ResumableSampler(len(self.val_set), 0, *self._rank_and_world(), shuffle=False)
+        return self._loader(self.val_set, sampler, 4)
 
     def state_dict(self) -> dict[str, int]:
         """How far into the current epoch training got (batches whose step ran)."""
