@@ -187,3 +187,18 @@ def test_training_refuses_a_store_of_another_teacher_checkpoint(tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "teacher_checkpoint_sha256='random-init:seed=0' but teacher_checkpoint_sha256=" in out
+
+
+def test_masks_are_chosen_anew_each_epoch(tmp_path):
+    world = generate(ToyWorldConfig(out=str(tmp_path / "w"), n_train=4, n_val=0, min_objects=8, max_objects=12))
+    dm = DistillDataModule("toy", [str(world / "train")], [], 256, None, batch_size=4, num_workers=0, max_masks=2)
+    dm.setup("fit")
+
+    def boxes_by_name(epoch: int) -> dict[str, list]:
+        dm.train_sampler.set_epoch(epoch)
+        batch = next(iter(dm.train_dataloader()))
+        return {name: batch["boxes"][i].tolist() for i, name in enumerate(batch["name"])}
+
+    first, again, second = boxes_by_name(0), boxes_by_name(0), boxes_by_name(1)
+    assert first == again, "an epoch's choice is reproducible"
+    assert first.keys() == second.keys() and any(first[n] != second[n] for n in first), "another epoch, other masks"

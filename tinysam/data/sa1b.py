@@ -151,9 +151,13 @@ class SA1BDataset(Dataset):
         return [image.stem for image, _ in self.pairs]
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        return self.load(index, self.epoch)
+
+    def load(self, index: int, epoch: int) -> dict[str, Any] | SkippedSample:
+        """Sample ``index`` with the masks chosen for ``epoch`` (a bad sample comes back skipped)."""
         image_path, json_path = self.pairs[index]
         try:
-            return self._load(index, image_path, json_path)
+            return self._load(index, epoch, image_path, json_path)
         except (BadSample, ImageError, FileNotFoundError) as err:
             skipped = SkippedSample(str(image_path), str(err))
             if skipped.path not in self._logged:
@@ -161,7 +165,7 @@ class SA1BDataset(Dataset):
                 log.warning("skipping %s (%s)", skipped.path, skipped.reason)
             return skipped
 
-    def _load(self, index: int, image_path: Path, json_path: Path) -> dict[str, Any]:
+    def _load(self, index: int, epoch: int, image_path: Path, json_path: Path) -> dict[str, Any]:
         record = _read_annotations(json_path)
         try:
             rgb = load_image(image_path)
@@ -172,7 +176,7 @@ class SA1BDataset(Dataset):
             raise BadSample(
                 f"size mismatch: JSON says {record['image']['height']}x{record['image']['width']}, image is {h}x{w}"
             )
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         annotations = self._select(record["annotations"], (h, w), json_path, rng)
         image, input_size = prepare_image(rgb, self.image_size, self.pixel_mean, self.pixel_std)
         rles = [a["segmentation"] for a in annotations]

@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class ResumableSampler(Sampler[int]):
-    """A seeded permutation per epoch, sharded by rank, that can start part-way into an epoch."""
+    """A seeded permutation per epoch, sharded by rank, that can start part-way into an epoch.
+
+    When shuffling it yields ``epoch * size + index``, so that datasets in worker processes,
+    which never see ``set_epoch``, still know the epoch (:class:`EmbeddedSamples` decodes it).
+    """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
         self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
@@ -45,6 +49,7 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.size)
+        order = order + (self.epoch * self.size if self.shuffle else 0)
         shard = order[self.rank :: self.world_size][: self.per_rank].tolist()
         # Lightning may create the iterator of the resumed epoch more than once: skip every time.
         start = self.resume_offset if self.epoch == self.resume_epoch else 0
@@ -52,7 +57,10 @@ class ResumableSampler(Sampler[int]):
 
 
 class EmbeddedSamples(Dataset):
-    """SA-1B samples with their cached teacher embedding (``teacher_embedding``) when a store is given."""
+    """SA-1B samples with their cached teacher embedding (``teacher_embedding``) when a store is given.
+
+    Indices are ``epoch * len(self) + index`` (see :class:`ResumableSampler`): masks are chosen per epoch.
+    """
 
     def __init__(self, samples: SA1BDataset, store: EmbeddingStore | None) -> None:
         self.samples, self.store = samples, store
@@ -61,7 +69,8 @@ class EmbeddedSamples(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
-        sample = self.samples[index]
+        epoch, index = divmod(index, len(self.samples))
+        sample = self.samples.load(index, epoch)
         if isinstance(sample, SkippedSample) or self.store is None:
             return sample
         if sample["name"] not in self.store:
