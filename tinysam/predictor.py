@@ -35,6 +35,15 @@ def _batched(array: np.ndarray, name: str, item_shape: str) -> tuple[np.ndarray,
     raise PromptError(f"{name} must have shape ({item_shape}) or (N, {item_shape}), got {array.shape}")
 
 
+def clip_boxes(boxes: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """XYXY ``boxes`` (N, 4) clipped to an image of ``size`` (H, W), and which keep a positive area (N,)."""
+    h, w = size
+    clipped = np.array(boxes, dtype=np.float64, copy=True)
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, w)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, h)
+    return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+
+
 class Predictor:
     """Encode an image once, then decode any number of point / box / mask prompts in one batch.
 
@@ -86,13 +95,10 @@ class Predictor:
         bad = np.flatnonzero((array[:, 2] <= array[:, 0]) | (array[:, 3] <= array[:, 1]))
         if bad.size:
             raise PromptError(f"box {bad[0]} = {array[bad[0]].tolist()} is not XYXY with x1 > x0 and y1 > y0")
-        h, w = self.original_size
-        clipped = array.copy()
-        clipped[:, 0::2] = clipped[:, 0::2].clip(0, w)
-        clipped[:, 1::2] = clipped[:, 1::2].clip(0, h)
-        outside = np.flatnonzero((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+        clipped, inside = clip_boxes(array, self.original_size)
+        outside = np.flatnonzero(~inside)
         if outside.size:
-            raise PromptError(f"box {outside[0]} = {array[outside[0]].tolist()} lies outside the {w}x{h} image")
+            raise PromptError(f"box {outside[0]} = {array[outside[0]].tolist()} lies outside the {self.original_size[1]}x{self.original_size[0]} image")
         return clipped, batched
 
     def _prepare_points(self, coords, labels) -> tuple[np.ndarray, np.ndarray, bool]:

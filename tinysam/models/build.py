@@ -228,3 +228,13 @@ def architecture_builders() -> dict[str, Callable[[], Sam]]:
     builders.update({n: partial(build_teacher_arch, n) for n in (*SAM_TEACHERS, *TOY_TEACHERS)})
     return builders
 
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Sam:
+    """Any registered architecture with ``checkpoint`` loaded, frozen, in eval mode on ``device``.
+
+    The inference entry points (evaluation, segment-everything, quantization) use this;
+    ``checkpoint`` may be an official ``.pth`` or one of our safetensors files.
+    """
+    model = build_student(name, checkpoint) if name in STUDENTS else build_teacher(name, checkpoint)
+    return model.eval().requires_grad_(False).to(device)

@@ -1,0 +1,206 @@
+"""Zero-shot instance segmentation from detector boxes: the protocol of the SAM and TinySAM papers.
+
+Every detection's box prompts the model; its mask inherits the detection's score and
+category. With ``multimask=True`` the multimask output of highest predicted IoU is kept
+(TinySAM), otherwise the single-mask output (SAM's other protocol). All boxes of an image
+are decoded in batches. Scores come from pycocotools (COCO) or the ``lvis`` package (LVIS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from segment_anything.modeling import Sam
+
+from tinysam.data.coco import CocoFormatError, DetectionSet, image_path, load_coco_instances, load_detections
+from tinysam.data.toyworld import encode_rle
+from tinysam.data.transforms import ImageError, load_image
+from tinysam.eval.data import CocoLayout, progress
+from tinysam.predictor import Predictor, clip_boxes
+
+log = logging.getLogger(__name__)
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_METRICS = (*METRICS, "APr", "APc", "APf")
+
+
+def select_best(low_res: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep, per prompt, the output of highest predicted IoU: (N, C, h, w), (N, C) -> (N, 1, h, w), (N,)."""
+    best = iou.argmax(dim=1)
+    rows = torch.arange(len(best), device=best.device)
+    return low_res[rows, best].unsqueeze(1), iou[rows, best]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class BoxSegmenter:
+    """Binary masks for XYXY box prompts of the current image, ``batch_size`` boxes per decoder call.
+
+    ``decode_seconds`` and ``upscale_seconds`` accumulate the time of the two phases.
+    """
+
+    predictor: Predictor
+    multimask: bool = True
+    batch_size: int = 64
+    decode_seconds: float = 0.0
+    upscale_seconds: float = 0.0
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        self.predictor.set_image(rgb)
+
+    @torch.inference_mode()
+    def __call__(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """(N, 4) boxes inside the image -> (N, H, W) boolean masks."""
+        p = self.predictor
+        h, w = p.original_size
+        out = np.zeros((len(boxes_xyxy), h, w), dtype=bool)
+        for start in range(0, len(boxes_xyxy), self.batch_size):
+            chunk = p.transform.apply_boxes(boxes_xyxy[start : start + self.batch_size], p.original_size)
+            t0 = time.perf_counter()
+            low_res, iou = p.decode(boxes=torch.as_tensor(chunk, device=p.device), multimask_output=self.multimask)
+            if self.multimask:
+                low_res, _ = select_best(low_res, iou)
+            _sync(p.device)
+            t1 = time.perf_counter()
+            masks = p.upscale(low_res)[:, 0] > p.model.mask_threshold
+            out[start : start + len(chunk)] = masks.cpu().numpy()
+            _sync(p.device)
+            self.decode_seconds += t1 - t0
+            self.upscale_seconds += time.perf_counter() - t1
+        return out
+
+
+@dataclass
+class SegmentationResults:
+    """COCO results (RLE masks) and, by reason, the detections that could not be segmented."""
+
+    results: list[dict] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+
+def segment_detections(coco: COCO, detections: DetectionSet, images_dir: str | Path, segmenter) -> SegmentationResults:
+    """One mask per detection from its box; ``segmenter`` has ``set_image(rgb)`` and ``(boxes) -> masks``.
+
+    Missing or unreadable images and boxes entirely outside their image are skipped and
+    counted; nothing is dropped silently.
+    """
+    out = SegmentationResults()
+    for image_id in progress(sorted(detections.by_image), "segmenting detections"):
+        dets = detections.by_image[image_id]
+        path = image_path(coco, image_id, images_dir)
+        try:
+            rgb = load_image(path)
+        except FileNotFoundError:
+            out.skipped["image file missing"] += len(dets.scores)
+            continue
+        except ImageError as err:
+            log.warning("%s", err)
+            out.skipped["image unreadable"] += len(dets.scores)
+            continue
+        info = coco.imgs[image_id]
+        if rgb.shape[:2] != (info.get("height", rgb.shape[0]), info.get("width", rgb.shape[1])):
+            log.warning("%s is %dx%d but the annotations say %sx%s", path, *rgb.shape[1::-1], info["width"], info["height"])
+            out.skipped["image size differs from the annotations"] += len(dets.scores)
+            continue
+        boxes, inside = clip_boxes(dets.boxes_xyxy, rgb.shape[:2])
+        out.skipped["box outside its image"] += int((~inside).sum())
+        if not inside.any():
+            continue
+        segmenter.set_image(rgb)
+        masks = segmenter(boxes[inside])
+        for mask, score, category in zip(masks, dets.scores[inside], dets.category_ids[inside]):
+            out.results.append(
+                {"image_id": image_id, "category_id": int(category), "segmentation": encode_rle(mask), "score": float(score)}
+            )
+    out.skipped = +out.skipped  # drop zero counts
+    return out
+
+
+def is_lvis(annotations: str | Path) -> bool:
+    """Whether an instances file is LVIS (its categories carry a ``frequency``)."""
+    with open(annotations) as f:
+        data = json.load(f)
+    return bool(data.get("categories")) and "frequency" in data["categories"][0]
+
+
+def score_coco(coco: COCO, results: list[dict]) -> dict[str, float | None]:
+    """Mask AP in percent from pycocotools; ``None`` where no ground truth of that size exists."""
+    if not results:
+        return {name: 0.0 for name in METRICS}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "segm")  # loadRes edits its input
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: (None if v < 0 else round(100 * float(v), 2)) for name, v in zip(METRICS, evaluator.stats[:6])}
+
+
+def score_lvis(annotations: str | Path, results: list[dict]) -> dict[str, float | None]:
+    """Mask AP in percent from the ``lvis`` package (needed for LVIS's federated protocol)."""
+    try:
+        from lvis import LVIS, LVISEval, LVISResults
+    except ImportError:
+        raise CocoFormatError(f"{annotations} is an LVIS file; scoring it needs the lvis package: pip install lvis") from None
+    if not results:
+        return {name: 0.0 for name in LVIS_METRICS}
+    gt = LVIS(str(annotations))
+    evaluator = LVISEval(gt, LVISResults(gt, [dict(r) for r in results]), "segm")
+    evaluator.run()
+    stats = evaluator.get_results()
+    return {name: (None if stats[name] < 0 else round(100 * float(stats[name]), 2)) for name in LVIS_METRICS}
+
+
+def metrics_table(metrics: dict[str, float | None]) -> str:
+    """One-row markdown table of the AP metrics."""
+    names = list(metrics)
+    cells = ["-" if metrics[n] is None else f"{metrics[n]:.1f}" for n in names]
+    return "\n".join(["| " + " | ".join(names) + " |", "|" + "---|" * len(names), "| " + " | ".join(cells) + " |"])
+
+
+def evaluate(model: Sam, output_dir: str | Path, dataset: CocoLayout, multimask: bool = True, batch_size: int = 64) -> dict:
+    """Run the protocol on ``dataset``; write ``segm_results.json`` and ``metrics.json`` to ``output_dir``."""
+    if dataset.detections is None:
+        raise CocoFormatError("coco_instances needs detections: pass dataset.detections=<detector results JSON>")
+    dataset.prepare()
+    coco, dropped_annotations = load_coco_instances(dataset.annotations)
+    detections = load_detections(dataset.detections, coco)
+    segmenter = BoxSegmenter(Predictor(model), multimask=multimask, batch_size=batch_size)
+    seg = segment_detections(coco, detections, dataset.images_dir, segmenter)
+    lvis = is_lvis(dataset.annotations)
+    metrics = score_lvis(dataset.annotations, seg.results) if lvis else score_coco(coco, seg.results)
+    report = {
+        "segm": metrics,
+        "protocol": {"multimask": multimask, "score": "detection score", "lvis": lvis},
+        "counts": {
+            "detections_read": len(detections) + sum(detections.dropped.values()),
+            "segmented": len(seg.results),
+            "dropped_detections": dict(detections.dropped),
+            "skipped_detections": dict(seg.skipped),
+            "dropped_annotations": dict(dropped_annotations),
+        },
+    }
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "segm_results.json").write_text(json.dumps(seg.results))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    skipped = sum(seg.skipped.values()) + sum(detections.dropped.values())
+    print(f"mask AP (%) on {dataset.annotations}, {len(seg.results)} masks, {skipped} detections skipped")
+    if skipped:
+        print(f"skipped: {dict(detections.dropped + seg.skipped)}")
+    print(metrics_table(metrics))
+    return report
