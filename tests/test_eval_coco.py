@@ -74,7 +74,10 @@ def test_batched_boxes_equal_one_box_per_call(world, toy_student):
     image_id = next(iter(coco.imgs))
     rgb = np.asarray(Image.open(world / "val" / coco.imgs[image_id]["file_name"]).convert("RGB"))
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in coco.imgToAnns[image_id])])
-    batched, single = BoxSegmenter(Predictor(toy_student), batch_size=64), BoxSegmenter(Predictor(toy_student), batch_size=1)
+    batched, single = (
+        BoxSegmenter(Predictor(toy_student), batch_size=64),
+        BoxSegmenter(Predictor(toy_student), batch_size=1),
+    )
     batched.set_image(rgb)
     single.set_image(rgb)
     a, b = batched(boxes), single(boxes)
@@ -100,13 +103,20 @@ def test_robustness_cases_are_counted_not_fatal(world, tmp_path, toy_student):
         {"image_id": 123456, "category_id": 1, "bbox": [3, 3, 5, 5], "score": 0.5},
     ]
     (images / "dets.json").write_text(json.dumps(dets))
-    dataset = CocoLayout(images=str(images), annotations=str(images / "instances.json"), detections=str(images / "dets.json"))
+    dataset = CocoLayout(
+        images=str(images), annotations=str(images / "instances.json"), detections=str(images / "dets.json")
+    )
     report = evaluate(toy_student, tmp_path / "out", dataset, batch_size=8)
     counts = report["counts"]
     assert counts["skipped_detections"] == {"image file missing": n_missing, "box outside its image": 1}
-    assert counts["dropped_detections"] == {"bbox has NaN or inf": 1, "bbox has zero or negative size": 1,
-                                            "image id does not exist": 1}
-    accounted = counts["segmented"] + sum(counts["skipped_detections"].values()) + sum(counts["dropped_detections"].values())
+    assert counts["dropped_detections"] == {
+        "bbox has NaN or inf": 1,
+        "bbox has zero or negative size": 1,
+        "image id does not exist": 1,
+    }
+    accounted = (
+        counts["segmented"] + sum(counts["skipped_detections"].values()) + sum(counts["dropped_detections"].values())
+    )
     assert accounted == counts["detections_read"] == len(dets)
     results = json.loads((tmp_path / "out" / "segm_results.json").read_text())
     assert len(results) == counts["segmented"] and any(r["image_id"] == ids[1] for r in results)
@@ -115,8 +125,11 @@ def test_robustness_cases_are_counted_not_fatal(world, tmp_path, toy_student):
 
 def test_empty_detections_file(world, tmp_path, toy_student):
     (tmp_path / "empty.json").write_text("[]")
-    dataset = CocoLayout(images=str(world / "val"), annotations=str(world / "val" / "instances.json"),
-                         detections=str(tmp_path / "empty.json"))
+    dataset = CocoLayout(
+        images=str(world / "val"),
+        annotations=str(world / "val" / "instances.json"),
+        detections=str(tmp_path / "empty.json"),
+    )
     report = evaluate(toy_student, tmp_path / "out", dataset)
     assert report["segm"]["AP"] == 0.0 and report["counts"]["segmented"] == 0
     assert json.loads((tmp_path / "out" / "segm_results.json").read_text()) == []

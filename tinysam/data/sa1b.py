@@ -90,7 +90,8 @@ def find_pairs(roots: str | Path | Sequence[str | Path]) -> tuple[list[tuple[Pat
     return pairs, orphans
 
 
-def _read_annotations(path: Path) -> dict:
+def read_annotations(path: Path) -> dict:
+    """The JSON record of one SA-1B image; a malformed file raises :class:`BadSample`."""
     try:
         record = json.loads(path.read_text())
         record["image"]["height"], record["image"]["width"]  # noqa: B018 - presence check
@@ -166,7 +167,7 @@ class SA1BDataset(Dataset):
             return skipped
 
     def _load(self, index: int, epoch: int, image_path: Path, json_path: Path) -> dict[str, Any]:
-        record = _read_annotations(json_path)
+        record = read_annotations(json_path)
         try:
             rgb = load_image(image_path)
         except ImageError as err:

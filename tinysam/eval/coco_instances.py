@@ -114,7 +114,9 @@ def segment_detections(coco: COCO, detections: DetectionSet, images_dir: str | P
             continue
         info = coco.imgs[image_id]
         if rgb.shape[:2] != (info.get("height", rgb.shape[0]), info.get("width", rgb.shape[1])):
-            log.warning("%s is %dx%d but the annotations say %sx%s", path, *rgb.shape[1::-1], info["width"], info["height"])
+            log.warning(
+                "%s is %dx%d but the annotations say %sx%s", path, *rgb.shape[1::-1], info["width"], info["height"]
+            )
             out.skipped["image size differs from the annotations"] += len(dets.scores)
             continue
         boxes, inside = clip_boxes(dets.boxes_xyxy, rgb.shape[:2])
@@ -125,7 +127,12 @@ def segment_detections(coco: COCO, detections: DetectionSet, images_dir: str | P
         masks = segmenter(boxes[inside])
         for mask, score, category in zip(masks, dets.scores[inside], dets.category_ids[inside]):
             out.results.append(
-                {"image_id": image_id, "category_id": int(category), "segmentation": encode_rle(mask), "score": float(score)}
+                {
+                    "image_id": image_id,
+                    "category_id": int(category),
+                    "segmentation": encode_rle(mask),
+                    "score": float(score),
+                }
             )
     out.skipped = +out.skipped  # drop zero counts
     return out
@@ -155,7 +162,9 @@ def score_lvis(annotations: str | Path, results: list[dict]) -> dict[str, float 
     try:
         from lvis import LVIS, LVISEval, LVISResults
     except ImportError:
-        raise CocoFormatError(f"{annotations} is an LVIS file; scoring it needs the lvis package: pip install lvis") from None
+        raise CocoFormatError(
+            f"{annotations} is an LVIS file; scoring it needs the lvis package: pip install lvis"
+        ) from None
     if not results:
         return {name: 0.0 for name in LVIS_METRICS}
     gt = LVIS(str(annotations))
@@ -172,7 +181,9 @@ def metrics_table(metrics: dict[str, float | None]) -> str:
     return "\n".join(["| " + " | ".join(names) + " |", "|" + "---|" * len(names), "| " + " | ".join(cells) + " |"])
 
 
-def evaluate(model: Sam, output_dir: str | Path, dataset: CocoLayout, multimask: bool = True, batch_size: int = 64) -> dict:
+def evaluate(
+    model: Sam, output_dir: str | Path, dataset: CocoLayout, multimask: bool = True, batch_size: int = 64
+) -> dict:
     """Run the protocol on ``dataset``; write ``segm_results.json`` and ``metrics.json`` to ``output_dir``."""
     if dataset.detections is None:
         raise CocoFormatError("coco_instances needs detections: pass dataset.detections=<detector results JSON>")

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tinysam.data.coco import image_path, load_coco_instances
+from tinysam.data.sa1b import BadSample, find_pairs, read_annotations
 from tinysam.data.toyworld import ToyWorldConfig, generate
+from tinysam.data.transforms import ImageError, load_image
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -37,6 +46,27 @@ class CocoLayout:
     def images_dir(self) -> Path:
         return Path(self.images)
 
+    def instances(self, skipped: Counter) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(file name, RGB image, (N, H, W) boolean masks) per image (crowds left out); bad ones counted."""
+        coco, dropped = load_coco_instances(self.annotations)
+        skipped.update(dropped)
+        for image_id in sorted(coco.imgs):
+            anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+            if not anns:
+                continue
+            path = image_path(coco, image_id, self.images)
+            try:
+                rgb = load_image(path)
+            except (FileNotFoundError, ImageError) as err:
+                log.warning("skipping %s", err)
+                skipped["missing or unreadable image"] += 1
+                continue
+            masks = np.stack([coco.annToMask(a).astype(bool) for a in anns])
+            if masks.shape[1:] != rgb.shape[:2]:
+                skipped["image size differs from the annotations"] += 1
+                continue
+            yield path.name, rgb, masks
+
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` picks CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
@@ -50,3 +80,31 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+@dataclass
+class Sa1bLayout:
+    """A folder of SA-1B-layout pairs (``<id>.jpg`` + ``<id>.json`` with RLE masks)."""
+
+    images: str
+
+    def prepare(self) -> Sa1bLayout:
+        return self
+
+    def instances(self, skipped: Counter) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, RGB image, (N, H, W) boolean masks) per image; bad pairs are counted in ``skipped``."""
+        pairs, orphans = find_pairs(self.images)
+        skipped["image without annotation JSON"] += len(orphans)
+        for image_file, json_file in pairs:
+            try:
+                record = read_annotations(json_file)
+                rgb = load_image(image_file)
+                masks = np.stack([mask_utils.decode(a["segmentation"]).astype(bool) for a in record["annotations"]])
+            except (BadSample, ImageError, KeyError, TypeError, ValueError) as err:
+                log.warning("skipping %s: %s", image_file, err)
+                skipped["unreadable image or annotations"] += 1
+                continue
+            if masks.shape[1:] != rgb.shape[:2]:
+                skipped["mask size differs from its image"] += 1
+                continue
+            yield image_file.name, rgb, masks
