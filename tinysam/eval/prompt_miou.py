@@ -97,13 +97,14 @@ def image_ious(
     score("box", _predict(predictor, multimask, boxes=boxes), boxes=boxes)
     points = np.array([interior_point(m) for m in gt], dtype=np.float64)[:, None]
     labels = np.ones((len(gt), 1), dtype=np.int64)
-    for k in range(1, clicks + 1):
-        if k > 1:
-            new = np.array([next_click(p, g) for p, g in zip(pred, gt)])
-            points = np.concatenate([points, new[:, None, :2].astype(np.float64)], axis=1)
-            labels = np.concatenate([labels, new[:, None, 2]], axis=1)
+    pred = _predict(predictor, multimask, point_coords=points, point_labels=labels)
+    score("1_click", pred, point_coords=points, point_labels=labels)
+    for k in range(2, clicks + 1):
+        new = np.array([next_click(p, g) for p, g in zip(pred, gt)])
+        points = np.concatenate([points, new[:, None, :2].astype(np.float64)], axis=1)
+        labels = np.concatenate([labels, new[:, None, 2]], axis=1)
         pred = _predict(predictor, multimask, point_coords=points, point_labels=labels)
-        score(f"{k}_click" if k == 1 else f"{k}_clicks", pred, point_coords=points, point_labels=labels)
+        score(f"{k}_clicks", pred, point_coords=points, point_labels=labels)
     return out
 
 
