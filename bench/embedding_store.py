@@ -57,10 +57,14 @@ def main() -> None:
         teacher.image_encoder(x)
         forward_s = time.perf_counter() - start
 
-    print(f"records: {n} x {record_bytes / MIB:.0f} MiB ({n * record_bytes / MIB / 1024:.2f} GiB), torch threads: {torch.get_num_threads()}")
+    print(
+        f"records: {n} x {record_bytes / MIB:.0f} MiB ({n * record_bytes / MIB / 1024:.2f} GiB), torch threads: {torch.get_num_threads()}"
+    )
     print("| operation | records/s | GB/s | vs ViT-B forward |")
     print("|---|---|---|---|")
-    print(f"| write (fp16, fsync, SHA-256, CRC32) | {n / write_s:.0f} | {n * record_bytes / write_s / 1e9:.2f} | {forward_s * n / write_s:.0f}x |")
+    print(
+        f"| write (fp16, fsync, SHA-256, CRC32) | {n / write_s:.0f} | {n * record_bytes / write_s / 1e9:.2f} | {forward_s * n / write_s:.0f}x |"
+    )
     for check, rate in reads.items():
         label = "random read, CRC checked" if check else "random read, unchecked"
         print(f"| {label} | {rate:.0f} | {rate * record_bytes / 1e9:.2f} | {forward_s * rate:.0f}x |")

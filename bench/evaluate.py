@@ -54,9 +54,7 @@ def main() -> None:
     print("| decoding | decoder phase (s) | upscaling (s) | total (s) |")
     print("|---|---|---|---|")
     for name, s in (("one box per call", single), ("all boxes of an image per call", batched)):
-        print(
-            f"| {name} | {s.decode_seconds:.3f} | {s.upscale_seconds:.3f} | {total(s):.3f} |"
-        )
+        print(f"| {name} | {s.decode_seconds:.3f} | {s.upscale_seconds:.3f} | {total(s):.3f} |")
     print(
         f"decoder-phase speed-up: {single.decode_seconds / batched.decode_seconds:.1f}x (target >= 3x); "
         f"end-to-end: {total(single) / total(batched):.1f}x"

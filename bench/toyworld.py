@@ -1,6 +1,6 @@
 """Toy-world generation speed: images/s at 256 and 1024 px (drawing + JPEG + JSON), single process.
 
-    python bench/toyworld.py [n_images]
+python bench/toyworld.py [n_images]
 """
 
 from __future__ import annotations

@@ -215,3 +215,28 @@ def evaluate(
         print(f"skipped: {dict(detections.dropped + seg.skipped)}")
     print(metrics_table(metrics))
     return report
+
+
+def score_proposals(
+    coco: COCO, results: list[dict], image_ids: list[int], max_dets=(10, 100, 1000)
+) -> dict[str, float]:
+    """Class-agnostic mask average recall in percent (AR@k for each k of ``max_dets``) on ``image_ids``.
+
+    How segment-everything masks are scored as object proposals against instance annotations
+    (SAM section 7.3); each result's ``score`` ranks it.
+    """
+    if not results or not image_ids:
+        return {f"AR@{k}": 0.0 for k in max_dets}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "segm")
+        evaluator.params.useCats = 0
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.params.maxDets = list(max_dets)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    recall = evaluator.eval["recall"]  # (IoU thresholds, categories, areas, max dets); -1 where undefined
+    out = {}
+    for m, k in enumerate(max_dets):
+        values = recall[:, :, 0, m]
+        out[f"AR@{k}"] = round(100 * float(values[values > -1].mean()), 2) if (values > -1).any() else 0.0
+    return out

@@ -1,0 +1,159 @@
+"""Automatic annotation of a folder (SAM's "fully automatic" data-engine stage): masks of everything.
+
+Per image, ``<stem>.json`` in SA-1B layout (COCO RLE masks) and optionally ``<stem>_overlay.png``;
+written atomically, so an interrupted run leaves only whole files. Unreadable images are skipped
+and reported. With ``annotations`` (COCO instances of the same files) the masks are scored as
+class-agnostic proposals (mask AR) with pycocotools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from segment_anything.modeling import Sam
+
+from tinysam.data.coco import load_coco_instances
+from tinysam.data.sa1b import IMAGE_SUFFIXES
+from tinysam.data.toyworld import ToyWorldConfig, generate
+from tinysam.data.transforms import ImageError, load_image
+from tinysam.eval.coco_instances import score_proposals
+from tinysam.eval.data import progress
+from tinysam.everything.hierarchical import DenseMaskGenerator, HierarchicalMaskGenerator
+
+log = logging.getLogger(__name__)
+
+GENERATORS = {"hierarchical": HierarchicalMaskGenerator, "dense": DenseMaskGenerator}
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def sa1b_record(file_name: str, image_id: int, size: tuple[int, int], masks: list[dict[str, Any]]) -> dict:
+    """The SA-1B-layout JSON of one image from generator records in ``coco_rle`` mode."""
+    annotations = [dict(m, id=i) for i, m in enumerate(masks)]
+    return {
+        "image": {"image_id": image_id, "file_name": file_name, "height": size[0], "width": size[1]},
+        "annotations": annotations,
+    }
+
+
+def overlay(rgb: np.ndarray, masks: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """The image with each mask tinted in its own colour (largest first, so small ones stay visible)."""
+    out = rgb.astype(np.float32)
+    colours = np.random.default_rng(seed).uniform(0, 255, size=(len(masks), 3))
+    for i in np.argsort([-m.sum() for m in masks]):
+        out[masks[i]] = 0.45 * out[masks[i]] + 0.55 * colours[i]
+    return out.astype(np.uint8)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {folder} does not exist; pass images=<folder of images>")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def annotate(
+    model: Sam,
+    output_dir: str | Path,
+    images: str,
+    out: str,
+    mode: str = "hierarchical",
+    overlays: bool = False,
+    annotations: str | None = None,
+    toyworld: ToyWorldConfig | None = None,
+    generator: dict[str, Any] | None = None,
+) -> dict:
+    """Masks of everything in every image of ``images``, written to ``out``; returns a report.
+
+    ``mode`` is ``hierarchical`` (TinySAM) or ``dense`` (SAM's grid); ``generator`` holds the
+    generator's keyword arguments; ``toyworld`` generates the toy world first (the default data).
+    """
+    if mode not in GENERATORS:
+        raise ValueError(f"everything: mode must be one of {sorted(GENERATORS)}, got {mode!r}")
+    if toyworld is not None:
+        generate(toyworld)
+    files = list_images(images)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = GENERATORS[mode](model, **dict(generator or {}, output_mode="coco_rle"))
+    coco = load_coco_instances(annotations)[0] if annotations else None
+    ids_by_name = {img["file_name"]: img_id for img_id, img in coco.imgs.items()} if coco else {}
+    skipped: Counter = Counter()
+    prompts: Counter = Counter()
+    results, scored_ids, n_masks = [], [], 0
+    for index, path in enumerate(progress(files, f"segmenting everything ({mode})")):
+        try:
+            rgb = load_image(path)
+        except ImageError as err:
+            log.warning("skipping: %s", err)
+            skipped["unreadable image"] += 1
+            continue
+        masks = gen.generate(rgb)
+        prompts.update({f"round_{i + 1}": n for i, n in enumerate(gen.prompts_per_round)})
+        n_masks += len(masks)
+        image_id = ids_by_name.get(path.name, index)
+        record = sa1b_record(path.name, image_id, rgb.shape[:2], masks)
+        _write_atomic(out_dir / f"{path.stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(record)))
+        if overlays:
+            from pycocotools import mask as mask_utils
+
+            binary = [mask_utils.decode(m["segmentation"]).astype(bool) for m in masks]
+            _write_atomic(
+                out_dir / f"{path.stem}_overlay.png",
+                lambda tmp: Image.fromarray(overlay(rgb, binary)).save(tmp, format="PNG"),
+            )
+        if path.name in ids_by_name:
+            scored_ids.append(image_id)
+            results += [
+                {"image_id": image_id, "category_id": 1, "segmentation": m["segmentation"], "score": m["predicted_iou"]}
+                for m in masks
+            ]
+    report: dict[str, Any] = {
+        "mode": mode,
+        "images": len(files) - sum(skipped.values()),
+        "masks": n_masks,
+        "prompts": dict(prompts),
+        "skipped": dict(skipped),
+        "out": str(out_dir),
+    }
+    print(
+        f"{mode}: {report['masks']} masks on {report['images']} images -> {out_dir}"
+        + (f"; skipped {dict(skipped)}" if skipped else "")
+    )
+    if coco is not None:
+        if not scored_ids:
+            log.warning("none of the images is listed in %s: nothing to score", annotations)
+        report["proposals"] = score_proposals(coco, results, scored_ids)
+        report["scored_images"] = len(scored_ids)
+        names = list(report["proposals"])
+        print(f"class-agnostic mask AR (%) on {len(scored_ids)} annotated images")
+        print(
+            "| "
+            + " | ".join(names)
+            + " |\n|"
+            + "---|" * len(names)
+            + "\n| "
+            + " | ".join(f"{report['proposals'][n]:.1f}" for n in names)
+            + " |"
+        )
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
