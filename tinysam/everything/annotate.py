@@ -8,6 +8,7 @@ class-agnostic proposals (mask AR) with pycocotools.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 
 from tinysam.data.coco import load_coco_instances
@@ -33,11 +35,11 @@ log = logging.getLogger(__name__)
 GENERATORS = {"hierarchical": HierarchicalMaskGenerator, "dense": DenseMaskGenerator}
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -111,15 +113,12 @@ def annotate(
         n_masks += len(masks)
         image_id = ids_by_name.get(path.name, index)
         record = sa1b_record(path.name, image_id, rgb.shape[:2], masks)
-        _write_atomic(out_dir / f"{path.stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(record)))
+        _write_atomic(out_dir / f"{path.stem}.json", json.dumps(record).encode())
         if overlays:
-            from pycocotools import mask as mask_utils
-
             binary = [mask_utils.decode(m["segmentation"]).astype(bool) for m in masks]
-            _write_atomic(
-                out_dir / f"{path.stem}_overlay.png",
-                lambda tmp: Image.fromarray(overlay(rgb, binary)).save(tmp, format="PNG"),
-            )
+            png = io.BytesIO()
+            Image.fromarray(overlay(rgb, binary)).save(png, format="PNG")
+            _write_atomic(out_dir / f"{path.stem}_overlay.png", png.getvalue())
         if path.name in ids_by_name:
             scored_ids.append(image_id)
             results += [
