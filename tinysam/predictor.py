@@ -9,6 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from tinysam.backends import make_backend
 from tinysam.data.transforms import load_image, prepare_image, to_rgb_uint8
 
 POSTPROCESS_CHUNK = 16  # prompts upscaled to full resolution at a time, bounding peak memory
@@ -51,8 +52,11 @@ class Predictor:
     ``segment_anything.SamPredictor`` but every call is batched over N prompts.
     """
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(self, model: Sam, backend: str = "eager", onnx_dir: str | Path | None = None) -> None:
+        """``backend``: ``eager``, ``compile`` (torch.compile) or ``onnx`` (onnxruntime on the models
+        in ``onnx_dir``, exported on the spot when not given); outputs agree to float tolerance."""
         self.model = model.eval()
+        self.backend = make_backend(backend, self.model, onnx_dir)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.reset_image()
 
@@ -76,7 +80,7 @@ class Predictor:
         rgb = load_image(image) if isinstance(image, (str, Path)) else to_rgb_uint8(image)
         mean, std = self.model.pixel_mean.flatten().cpu(), self.model.pixel_std.flatten().cpu()
         x, _ = prepare_image(rgb, self.transform.target_length, mean, std)
-        self.set_embedding(self.model.image_encoder(x[None].to(self.device)), rgb.shape[:2])
+        self.set_embedding(self.backend.encode(x[None].to(self.device)), rgb.shape[:2])
 
     def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int]) -> None:
         """Use a precomputed ``(1, C, h, w)`` image embedding of an image of ``original_size`` (H, W)."""
@@ -98,7 +102,9 @@ class Predictor:
         clipped, inside = clip_boxes(array, self.original_size)
         outside = np.flatnonzero(~inside)
         if outside.size:
-            raise PromptError(f"box {outside[0]} = {array[outside[0]].tolist()} lies outside the {self.original_size[1]}x{self.original_size[0]} image")
+            raise PromptError(
+                f"box {outside[0]} = {array[outside[0]].tolist()} lies outside the {self.original_size[1]}x{self.original_size[0]} image"
+            )
         return clipped, batched
 
     def _prepare_points(self, coords, labels) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -169,7 +175,8 @@ class Predictor:
             raise PromptError(f"prompt batch sizes disagree: {sorted(sizes)}; give N of each or 1 to broadcast")
         n = sizes.pop() if sizes else 1
         tensors = {
-            k: torch.as_tensor(np.broadcast_to(v, (n, *v.shape[1:])).copy(), device=self.device) for k, v in parts.items()
+            k: torch.as_tensor(np.broadcast_to(v, (n, *v.shape[1:])).copy(), device=self.device)
+            for k, v in parts.items()
         }
         with torch.inference_mode():
             low_res, iou = self.decode(
@@ -201,21 +208,7 @@ class Predictor:
         (N, 1, 256, 256) are optional; returns low-res logits (N, C, 256, 256) and IoU (N, C).
         """
         self._require_image()
-        point_prompt = None
-        if points is not None:
-            point_prompt = (points.float(), labels.int())
-        sparse, dense = self.model.prompt_encoder(
-            points=point_prompt,
-            boxes=None if boxes is None else boxes.float(),
-            masks=None if mask_input is None else mask_input.float(),
-        )
-        return self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        return self.backend.decode(self.features, points, labels, boxes, mask_input, multimask_output)
 
     def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits (N, C, h, w) to logits at the original image size (N, C, H, W)."""

@@ -1,0 +1,115 @@
+"""Inference backends and ONNX export: same outputs as eager PyTorch, ONNX usable without PyTorch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from tinysam import Predictor, build_student
+from tinysam.export import export, reference_images
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    torch.manual_seed(0)
+    return build_student("tinyvit_toy").eval()
+
+
+@pytest.fixture(scope="module")
+def toy_onnx(tmp_path_factory, toy_model, reference_dir):
+    out = tmp_path_factory.mktemp("onnx")
+    record = export(toy_model, out, sorted((reference_dir / "images").glob("*.jpg")), architecture="tinyvit_toy")
+    return out, record
+
+
+def prompts(h: int, w: int) -> list[dict]:
+    boxes = np.array([[w * 0.1, h * 0.2, w * 0.6, h * 0.9], [w * 0.4, h * 0.1, w * 0.95, h * 0.5]])
+    points = np.array([[[w * 0.3, h * 0.5], [w * 0.7, h * 0.2]], [[w * 0.5, h * 0.5], [0, 0]]])
+    labels = np.array([[1, 0], [1, -1]])
+    return [
+        {"boxes": boxes},
+        {"point_coords": points, "point_labels": labels},
+        {"point_coords": points, "point_labels": labels, "boxes": boxes, "multimask_output": False},
+    ]
+
+
+@pytest.mark.parametrize("backend", ["compile", "onnx"])
+def test_backend_matches_eager(backend, toy_model, toy_onnx, reference_dir):
+    image = reference_dir / "images" / "sam_truck.jpg"
+    eager = Predictor(toy_model)
+    other = Predictor(toy_model, backend=backend, onnx_dir=toy_onnx[0] if backend == "onnx" else None)
+    eager.set_image(image)
+    other.set_image(image)
+    assert (eager.features - other.features).abs().max() < 1e-3
+    h, w = eager.original_size
+    for kwargs in prompts(h, w):
+        _, iou_a, low_a = eager.predict(**kwargs)
+        _, iou_b, low_b = other.predict(**kwargs)
+        assert low_a.shape == low_b.shape
+        assert np.abs(low_a - low_b).max() < 1e-3 and np.abs(iou_a - iou_b).max() < 1e-3
+
+
+def test_export_is_checked_against_pytorch(toy_onnx):
+    out, record = toy_onnx
+    assert {p.name for p in out.iterdir()} == {"encoder.onnx", "decoder.onnx", "export.json"}
+    assert json.loads((out / "export.json").read_text()) == record
+    diffs = record["max_abs_diff_vs_pytorch"]
+    assert set(diffs) == {"embedding", "low_res_logits", "iou"} and max(diffs.values()) < 1e-3
+    assert reference_images(), "the CLI checks on the shared reference images by default"
+
+
+def test_onnx_runs_without_pytorch(toy_onnx):
+    """A fresh interpreter where importing torch fails runs both models with numpy inputs only."""
+    out, _ = toy_onnx
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        import numpy as np, onnxruntime as ort
+        enc = ort.InferenceSession({str(out / "encoder.onnx")!r}, providers=["CPUExecutionProvider"])
+        dec = ort.InferenceSession({str(out / "decoder.onnx")!r}, providers=["CPUExecutionProvider"])
+        emb = enc.run(None, {{"image": np.random.rand(1, 3, 256, 256).astype(np.float32)}})[0]
+        for n, k in [(1, 1), (5, 3)]:
+            masks, iou, low = dec.run(None, {{
+                "image_embeddings": emb, "point_coords": np.random.rand(n, k, 2).astype(np.float32) * 256,
+                "point_labels": np.ones((n, k), np.float32), "mask_input": np.zeros((1, 1, 64, 64), np.float32),
+                "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([300, 200], np.float32)}})
+            assert masks.shape == (n, 4, 300, 200) and iou.shape == (n, 4) and low.shape == (n, 4, 64, 64)
+        print("ok", emb.shape, "torch" in sys.modules and sys.modules["torch"] is None)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", "(1,", "128,", "16,", "16)", "True"]
+
+
+def test_export_cli_on_reference_weights(tmp_path, reference_dir):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinysam.export",
+            f"checkpoint={reference_dir / 'tinysam_vit_t_seed0.safetensors'}",
+            f"out={tmp_path}",
+            f"images={reference_dir / 'images'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    diffs = json.loads((tmp_path / "export.json").read_text())["max_abs_diff_vs_pytorch"]
+    assert max(diffs.values()) < 1e-3
+
+
+def test_unknown_backend_and_mask_only_onnx(toy_model, toy_onnx):
+    with pytest.raises(ValueError, match="unknown backend"):
+        Predictor(toy_model, backend="tensorrt")
+    p = Predictor(toy_model, backend="onnx", onnx_dir=toy_onnx[0])
+    p.set_image(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="point or box"):
+        p.predict(mask_input=np.zeros((1, 64, 64)))

@@ -1,0 +1,126 @@
+"""Inference backends of :class:`~tinysam.predictor.Predictor`: eager PyTorch, ``torch.compile``, onnxruntime.
+
+Each backend runs the two halves of a SAM-family model: ``encode`` (normalised, padded
+images to image embeddings) and ``decode`` (prompts in the model's input frame to low-res
+mask logits and IoU predictions). Outputs agree with eager PyTorch to float tolerance.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+BACKENDS = ("eager", "compile", "onnx")
+
+
+class EagerBackend:
+    """Plain PyTorch, as the model is."""
+
+    def __init__(self, model: Sam) -> None:
+        self.model = model
+        self.image_encoder: torch.nn.Module = model.image_encoder
+        self.mask_decoder: torch.nn.Module = model.mask_decoder
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        features: torch.Tensor,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        point_prompt = None if points is None else (points.float(), labels.int())
+        sparse, dense = self.model.prompt_encoder(
+            points=point_prompt,
+            boxes=None if boxes is None else boxes.float(),
+            masks=None if mask_input is None else mask_input.float(),
+        )
+        return self.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+
+class CompiledBackend(EagerBackend):
+    """``torch.compile`` of the encoder (static shapes) and the mask decoder (dynamic prompt count)."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__(model)
+        self.image_encoder = torch.compile(model.image_encoder, dynamic=False)
+        self.mask_decoder = torch.compile(model.mask_decoder, dynamic=True)
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session with every graph optimisation on."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxBackend:
+    """onnxruntime on ``encoder.onnx`` / ``decoder.onnx`` of ``onnx_dir`` (exported now when not given)."""
+
+    def __init__(self, model: Sam, onnx_dir: str | Path | None = None) -> None:
+        from tinysam.export import DECODER, ENCODER, export_decoder, export_encoder
+
+        if onnx_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tinysam-onnx-")
+            onnx_dir = Path(self._tmp.name)
+            export_encoder(model, onnx_dir / ENCODER)
+            export_decoder(model, onnx_dir / DECODER)
+        onnx_dir = Path(onnx_dir)
+        for name in (ENCODER, DECODER):
+            if not (onnx_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"{onnx_dir / name} is missing; export it: python -m tinysam.export out={onnx_dir}"
+                )
+        self.model = model
+        self.encoder = onnx_session(onnx_dir / ENCODER)
+        self.decoder = onnx_session(onnx_dir / DECODER)
+        self.mask_side = 4 * model.prompt_encoder.image_embedding_size[0]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        (features,) = self.encoder.run(None, {"image": images.float().cpu().numpy()})
+        return torch.from_numpy(features)
+
+    def decode(self, features, points, labels, boxes, mask_input, multimask_output):
+        from tinysam.export import decoder_feed
+
+        if points is None and boxes is None:
+            raise ValueError("the onnx backend needs a point or box prompt (SAM's ONNX decoder has no mask-only mode)")
+
+        def numpy(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.cpu().numpy()
+
+        feed = decoder_feed(
+            numpy(features), numpy(points), numpy(labels), numpy(boxes), numpy(mask_input), (1, 1), self.mask_side
+        )
+        feed["orig_im_size"] = np.array([self.mask_side, self.mask_side], np.float32)  # masks at image size unused
+        _, iou, low_res = self.decoder.run(None, feed)
+        keep = slice(1, None) if multimask_output else slice(0, 1)
+        return torch.from_numpy(low_res[:, keep]), torch.from_numpy(iou[:, keep])
+
+
+def make_backend(name: str, model: Sam, onnx_dir: str | Path | None = None):
+    """The backend called ``name`` (one of :data:`BACKENDS`) for ``model``."""
+    if name == "eager":
+        return EagerBackend(model)
+    if name == "compile":
+        return CompiledBackend(model)
+    if name == "onnx":
+        return OnnxBackend(model, onnx_dir)
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
