@@ -1,0 +1,117 @@
+"""Calibration: run the float model on a few images, record each layer's inputs, outputs and dL/dO,
+then set every layer's scales (Hessian-guided search or min-max).
+
+The loss whose gradient weighs the output errors is the binary cross-entropy of the mask logits
+against the float model's own masks, for a grid of single-point prompts per image. (The KL of
+the float and quantized outputs has a zero gradient at the float model; its hard-label form,
+as PTQ4ViT computes it, is this one.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import Tensor
+
+from tinysam.data.transforms import prepare_image
+from tinysam.everything.base import grid_points
+from tinysam.quant.fake_quant import QuantLayer, set_enabled, weight_axis
+from tinysam.quant.scale_search import LayerSamples, minmax_layer, search_layer
+
+
+def decode_points(model: Sam, embedding: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    """Multimask low-res logits and IoUs of single positive points (input frame) on one embedding."""
+    labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
+    sparse, dense = model.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
+    return model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def collect(
+    model: Sam,
+    layers: dict[str, QuantLayer],
+    images: Iterable[np.ndarray],
+    points_per_side: int = 4,
+    max_rows: int = 4096,
+    seed: int = 0,
+) -> dict[str, LayerSamples]:
+    """Inputs, float outputs and dL/dO of every layer over ``images`` (linear layers: ``max_rows`` sampled rows)."""
+    set_enabled(layers, False)
+    records: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
+    grads: dict[str, list[tuple[int, Tensor]]] = defaultdict(list)
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def record(module, inputs, output):
+            call = len(records[name]["inputs"])
+            records[name]["inputs"].append(inputs[0].detach())
+            records[name]["outputs"].append(output.detach())
+            if output.requires_grad:
+                output.register_hook(lambda grad: grads[name].append((call, grad.detach())))
+
+        return record
+
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_hook(hook(name)))
+    size = model.image_encoder.img_size
+    mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
+    try:
+        for rgb in images:
+            x, _ = prepare_image(rgb, size, mean, std)
+            x = x[None].to(model.device).requires_grad_(True)  # so that every activation carries a gradient
+            embedding = model.image_encoder(x)
+            points = ResizeLongestSide(size).apply_coords(grid_points(points_per_side, rgb.shape[:2]), rgb.shape[:2])
+            logits, _ = decode_points(model, embedding, torch.as_tensor(points, dtype=torch.float, device=x.device))
+            F.binary_cross_entropy_with_logits(logits, (logits.detach() > 0).float()).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    generator = torch.Generator().manual_seed(seed)
+    samples = {}
+    for name, layer in layers.items():
+        rec = records[name]
+        if not rec["inputs"]:
+            continue  # a layer these prompts never reach (the mask-prompt convolutions): stays float
+        by_call = dict(grads[name])  # outputs the loss does not depend on (the IoU head) weigh errors evenly
+        rec["grads"] = [by_call.get(i, torch.ones_like(out)) for i, out in enumerate(rec["outputs"])]
+        if weight_axis(layer.layer) is None:
+            inputs, outputs, grads_ = (torch.cat([_rows(t) for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
+            if len(inputs) > max_rows:
+                keep = torch.randperm(len(inputs), generator=generator)[:max_rows]
+                inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
+        else:
+            inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
+        samples[name] = LayerSamples(inputs, outputs, grads_)
+    return samples
+
+
+def calibrate(
+    layers: dict[str, QuantLayer], samples: dict[str, LayerSamples], method: str = "hessian",
+    rounds: int = 3, candidates: int = 100, progress: Callable[[Iterable], Iterable] = iter,
+) -> dict[str, dict[str, float]]:
+    """Set the scales of every layer seen in calibration; returns per-layer distances (``hessian``)."""
+    if method not in ("hessian", "minmax"):
+        raise ValueError(f"unknown calibration method {method!r}; choose hessian or minmax")
+    report = {}
+    for name in progress(list(samples)):
+        if method == "hessian":
+            report[name] = search_layer(layers[name], samples[name], rounds, candidates)
+        else:
+            minmax_layer(layers[name], samples[name])
+    set_enabled({n: layers[n] for n in samples}, True)
+    return report

@@ -1,0 +1,75 @@
+"""Fake-quantized layers: float kernels on quantized values, to measure a quantized model's accuracy.
+
+:func:`wrap_model` replaces every ``Linear``, ``Conv2d`` and ``ConvTranspose2d`` of a SAM-family
+model (image encoder, prompt encoder, mask decoder) by a :class:`QuantLayer`: weights per output
+channel for convolutions and transposed convolutions, per layer for linear layers; the input
+activation per layer. A disabled layer computes in float (calibration passes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinysam.quant.quantizers import absmax_scale, check_bits, fake_quant
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def weight_axis(layer: nn.Module) -> int | None:
+    """The output-channel axis of a layer's weight that gets its own scale (``None``: one scale)."""
+    if isinstance(layer, nn.ConvTranspose2d):
+        return 1
+    if isinstance(layer, nn.Conv2d):
+        return 0
+    return None
+
+
+class QuantLayer(nn.Module):
+    """A Linear / Conv2d / ConvTranspose2d with fake-quantized weight and input."""
+
+    def __init__(self, layer: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> None:
+        super().__init__()
+        self.layer = layer
+        self.weight_bits, self.act_bits = check_bits(weight_bits), check_bits(act_bits)
+        axis = weight_axis(layer)
+        self.register_buffer("weight_scale", absmax_scale(layer.weight.detach(), weight_bits, () if axis is None else (axis,)))
+        self.register_buffer("act_scale", torch.ones(()))
+        self.enabled = False
+
+    def compute(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The wrapped layer's operation with the given input and weight."""
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, layer.bias)
+        if isinstance(layer, nn.ConvTranspose2d):
+            return F.conv_transpose2d(x, weight, layer.bias, layer.stride, layer.padding, layer.output_padding,
+                                      layer.groups, layer.dilation)
+        return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def quantized_weight(self) -> Tensor:
+        return fake_quant(self.layer.weight, self.weight_scale, self.weight_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.layer(x)
+        return self.compute(fake_quant(x, self.act_scale, self.act_bits), self.quantized_weight())
+
+
+def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dict[str, QuantLayer]:
+    """Replace every quantizable layer of ``model`` in place; returns them by qualified name."""
+    wrapped = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QUANTIZABLE):
+                quant = QuantLayer(child, weight_bits, act_bits)
+                setattr(module, child_name, quant)
+                wrapped[f"{name}.{child_name}" if name else child_name] = quant
+    return wrapped
+
+
+def set_enabled(layers: dict[str, QuantLayer], enabled: bool) -> None:
+    """Switch fake quantization on (quantized model) or off (float model) for every layer."""
+    for layer in layers.values():
+        layer.enabled = enabled

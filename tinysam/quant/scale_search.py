@@ -1,0 +1,88 @@
+"""Hessian-guided scale search (TinySAM section 3.2 after PTQ4ViT) and the min-max baseline.
+
+For each quantized layer O = A * W, the weight scales and the activation scale are searched in
+turn (``rounds`` times), each over ``candidates`` values linearly spaced in
+[0.01, 1.2] x max|X| / 2^(b-1), keeping the one that minimises the Hessian-guided distance
+E[(dL/dO * (O - O_q))^2]. Weight scales are searched per output channel where the layer has
+one scale per channel (each channel's output depends on its own scale only). dL/dO comes once
+from the float model on the calibration set (:mod:`tinysam.quant.calibrate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tinysam.quant.fake_quant import QuantLayer, weight_axis
+from tinysam.quant.quantizers import absmax_scale, fake_quant, qmax, scale_shape
+
+
+@dataclass
+class LayerSamples:
+    """What one layer saw on the calibration set: its inputs, float outputs and dL/dO at them."""
+
+    inputs: Tensor
+    outputs: Tensor
+    grads: Tensor
+
+
+def candidate_scales(peak: Tensor, bits: int, n: int) -> Tensor:
+    """(n, *peak.shape) scales linearly spaced in [0.01, 1.2] x peak / 2^(b-1)."""
+    factors = torch.linspace(0.01, 1.2, n, dtype=peak.dtype, device=peak.device)
+    return factors.view(-1, *[1] * peak.dim()) * peak / 2 ** (bits - 1)
+
+
+def output_channel_axis(layer: QuantLayer, samples: LayerSamples) -> int:
+    """Axis of the output that matches the weight's scale axis (channels of conv outputs)."""
+    return 1 if weight_axis(layer.layer) is not None else samples.outputs.dim() - 1
+
+
+def hessian_distance(layer: QuantLayer, samples: LayerSamples, weight_scale: Tensor, act_scale: Tensor) -> Tensor:
+    """E[(dL/dO * (O - O_q))^2] per weight-scale group (one value for a per-layer weight scale)."""
+    quantized = layer.compute(
+        fake_quant(samples.inputs, act_scale, layer.act_bits),
+        fake_quant(layer.layer.weight, weight_scale, layer.weight_bits),
+    )
+    error = (samples.grads * (samples.outputs - quantized)).square()
+    if weight_scale.numel() == 1:
+        return error.mean().reshape(1)
+    axis = output_channel_axis(layer, samples)
+    return error.movedim(axis, 0).reshape(error.shape[axis], -1).mean(1)
+
+
+@torch.no_grad()
+def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, candidates: int = 100) -> dict[str, float]:
+    """Set ``layer``'s scales by the alternating Hessian-guided grid search, starting from min-max.
+
+    Returns the layer's distance with the min-max scales and with the searched ones.
+    """
+    minmax_layer(layer, samples)
+    weight = layer.layer.weight
+    shape = scale_shape(weight, weight_axis(layer.layer))
+    weight_scale, act_scale = layer.weight_scale.clone(), layer.act_scale.clone()
+    w_grid = candidate_scales(weight_scale * qmax(layer.weight_bits), layer.weight_bits, candidates)
+    a_grid = candidate_scales(act_scale * qmax(layer.act_bits), layer.act_bits, candidates)
+    best = hessian_distance(layer, samples, weight_scale, act_scale)
+    start = best.sum().item()
+    for _ in range(rounds):
+        for scale in w_grid:  # per group: each output channel keeps its own best
+            d = hessian_distance(layer, samples, scale, act_scale)
+            weight_scale = torch.where((d < best).reshape(shape), scale, weight_scale)
+            best = torch.minimum(best, d)
+        for scale in a_grid:
+            d = hessian_distance(layer, samples, weight_scale, scale)
+            if d.sum() < best.sum():
+                best, act_scale = d, scale
+    layer.weight_scale.copy_(weight_scale)
+    layer.act_scale.copy_(act_scale)
+    return {"minmax": start, "searched": best.sum().item()}
+
+
+@torch.no_grad()
+def minmax_layer(layer: QuantLayer, samples: LayerSamples) -> None:
+    """The baseline: scales from the largest absolute weight (per group) and input seen in calibration."""
+    axis = weight_axis(layer.layer)
+    layer.weight_scale.copy_(absmax_scale(layer.layer.weight, layer.weight_bits, () if axis is None else (axis,)))
+    layer.act_scale.copy_(samples.inputs.abs().amax().clamp_min(1e-8) / (2 ** (layer.act_bits - 1) - 1))
