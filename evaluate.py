@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from tinysam.config import register_resolvers
+from tinysam.config import one_line_errors, register_resolvers
 
 register_resolvers()
 
@@ -12,7 +12,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     from tinysam.eval.run import run
 
-    run(cfg)
+    with one_line_errors():
+        run(cfg)
 
 
 if __name__ == "__main__":

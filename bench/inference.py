@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default=None, help="default: eager,eager_channels_last,compile,onnx (cpu)")
     args = parser.parse_args()
-    default = "eager,eager_channels_last,compile,onnx" if args.device == "cpu" else "eager,compile,eager_bf16,compile_bf16"
+    default = (
+        "eager,eager_channels_last,compile,onnx" if args.device == "cpu" else "eager,compile,eager_bf16,compile_bf16"
+    )
     backends = (args.backends or default).split(",")
     gflop = encoder_gflop()
     peak = matmul_peak(args.device)
@@ -125,15 +127,25 @@ def main() -> None:
             proc.join()
     eager = results.get("eager", next(iter(results.values())))["encoder_s"]
     threads = torch.get_num_threads()
-    print(f"tinyvit_5m encoder at 1024 px: {gflop:.1f} GFLOP; {args.device} ({threads} threads) fp32 matmul peak "
-          f"{peak:.1f} GFLOP/s; median of {args.runs} runs")
-    head = "| backend | encoder ms | speed-up vs eager | GFLOP/s | % of matmul peak | " + " | ".join(
-        f"decoder ms ({n} boxes)" for n in PROMPT_BATCHES) + " | peak memory MiB | max abs diff vs eager |"
+    print(
+        f"tinyvit_5m encoder at 1024 px: {gflop:.1f} GFLOP; {args.device} ({threads} threads) fp32 matmul peak "
+        f"{peak:.1f} GFLOP/s; median of {args.runs} runs"
+    )
+    head = (
+        "| backend | encoder ms | speed-up vs eager | GFLOP/s | % of matmul peak | "
+        + " | ".join(f"decoder ms ({n} boxes)" for n in PROMPT_BATCHES)
+        + " | peak memory MiB | max abs diff vs eager |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for name, r in results.items():
         rate = gflop / r["encoder_s"]
-        cells = [f"{1000 * r['encoder_s']:.0f}", f"{eager / r['encoder_s']:.2f}x", f"{rate:.1f}", f"{100 * rate / peak:.0f}%"]
+        cells = [
+            f"{1000 * r['encoder_s']:.0f}",
+            f"{eager / r['encoder_s']:.2f}x",
+            f"{rate:.1f}",
+            f"{100 * rate / peak:.0f}%",
+        ]
         cells += [f"{1000 * r['decoder_s'][n]:.1f}" for n in PROMPT_BATCHES]
         cells += [f"{r['memory_mib']:.0f}", f"{r['max_abs_diff']:.1e}"]
         print(f"| {name} | " + " | ".join(cells) + " |")

@@ -69,7 +69,11 @@ def test_bad_annotations_are_counted(tmp_path, val):
     (tmp_path / "inst.json").write_text(json.dumps(data))
     coco, dropped = load_coco_instances(tmp_path / "inst.json")
     assert len(coco.anns) == n - 3
-    assert dropped == {"bbox has zero or negative size": 1, "image id does not exist": 1, "category id does not exist": 1}
+    assert dropped == {
+        "bbox has zero or negative size": 1,
+        "image id does not exist": 1,
+        "category id does not exist": 1,
+    }
 
 
 @pytest.mark.parametrize("content, match", [("{", "not valid JSON"), ('{"images": []}', "'annotations' is missing")])

@@ -58,7 +58,10 @@ def test_output_loss_by_hand_with_and_without_hard_weights():
 def test_embedding_and_token_terms_and_weights():
     s_emb, t_emb = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5)
     gt = torch.zeros(1, 2, 2, dtype=torch.bool)
-    student, teacher = _outputs(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1)), _outputs(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1), 2.0)
+    student, teacher = (
+        _outputs(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1)),
+        _outputs(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1), 2.0),
+    )
     terms = DistillLoss(2.0, 3.0, 0, 0)(s_emb, t_emb, student, teacher, gt)
     assert terms["embedding"].item() == pytest.approx(0.5)
     assert terms["tokens"].item() == pytest.approx(2.0 + 2.0)  # tokens + upscaled features
@@ -85,9 +88,15 @@ def test_regression_fixture():
     """Seeded tensors through every term: values pinned so a change to any formula is noticed."""
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(3, 8, 8, generator=g) > 0.5
+
     def outs():
-        return DecoderOutputs(torch.randn(3, 3, 8, 8, generator=g), torch.rand(3, 3, generator=g),
-                              torch.randn(3, 5, 16, generator=g), torch.randn(3, 2, 8, 8, generator=g))
+        return DecoderOutputs(
+            torch.randn(3, 3, 8, 8, generator=g),
+            torch.rand(3, 3, generator=g),
+            torch.randn(3, 5, 16, generator=g),
+            torch.randn(3, 2, 8, 8, generator=g),
+        )
+
     student, teacher = outs(), outs()
     s_emb, t_emb = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
     terms = DistillLoss()(s_emb, t_emb, student, teacher, gt)
@@ -112,7 +121,9 @@ def test_batched_decode_equals_sam_decoder_per_image():
         for b in range(2):
             keep = image_index == b
             sparse, dense = model.prompt_encoder(points=(points[keep], labels[keep]), boxes=boxes[keep], masks=None)
-            low_res, iou = model.mask_decoder(embeddings[b : b + 1], model.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+            low_res, iou = model.mask_decoder(
+                embeddings[b : b + 1], model.prompt_encoder.get_dense_pe(), sparse, dense, multimask
+            )
             assert torch.allclose(ours.low_res[keep], low_res, atol=1e-4)
             assert torch.allclose(ours.iou[keep], iou, atol=1e-5)
     assert ours.tokens.shape == (5, 5, 128) and ours.upscaled.shape == (5, 16, 64, 64)

@@ -111,7 +111,9 @@ def test_boxes_partly_outside_are_clipped(predictor):
 
 
 def test_single_mask_output_logits_and_mask_input(predictor):
-    masks, iou, low_res = predictor.predict(boxes=np.array([80, 50, 220, 150]), multimask_output=False, return_logits=True)
+    masks, iou, low_res = predictor.predict(
+        boxes=np.array([80, 50, 220, 150]), multimask_output=False, return_logits=True
+    )
     assert masks.shape == (1, 200, 300) and masks.dtype == np.float32 and iou.shape == (1,)
     refined, _, _ = predictor.predict(
         point_coords=np.array([[150, 100]]), point_labels=np.array([1]), mask_input=low_res, multimask_output=False
@@ -134,7 +136,14 @@ def test_single_mask_output_logits_and_mask_input(predictor):
         ({"point_coords": np.array([10.0, 10, 3]), "point_labels": np.array([1])}, "XY pairs|shape"),
         ({"mask_input": np.zeros((1, 32, 32))}, r"\(1, 64, 64\)"),
         ({}, "at least one"),
-        ({"boxes": np.zeros((2, 4)) + [0, 0, 5, 5], "point_coords": np.zeros((3, 1, 2)), "point_labels": np.ones((3, 1))}, "disagree"),
+        (
+            {
+                "boxes": np.zeros((2, 4)) + [0, 0, 5, 5],
+                "point_coords": np.zeros((3, 1, 2)),
+                "point_labels": np.ones((3, 1)),
+            },
+            "disagree",
+        ),
     ],
 )
 def test_invalid_prompts_raise_clear_errors(predictor, kwargs, match):

@@ -22,7 +22,9 @@ def _batch():
     masks[0, 1, 10:14, 3:12] = True
     masks[1, 0, 0:16, 0:4] = True
     masks[1, 1, 5:6, 5:15] = True
-    boxes = torch.tensor([[[8.0, 8, 32, 32], [12, 40, 48, 56], [0, 0, 1, 1]], [[0, 0, 16, 64], [20, 20, 60, 24], [0, 0, 1, 1]]])
+    boxes = torch.tensor(
+        [[[8.0, 8, 32, 32], [12, 40, 48, 56], [0, 0, 1, 1]], [[0, 0, 16, 64], [20, 20, 60, 24], [0, 0, 1, 1]]]
+    )
     valid = torch.tensor([[True, True, False], [True, True, False]])
     return masks, boxes, valid
 
@@ -39,7 +41,9 @@ def test_initial_points_lie_inside_their_masks():
 
 def test_initial_boxes_are_noisy_gt_boxes():
     masks, boxes, valid = _batch()
-    prompts, _ = HardPromptSampler(prompts_per_image=5, box_fraction=1.0, box_noise=0.1, seed=2).initial(masks, boxes, valid, SIZE)
+    prompts, _ = HardPromptSampler(prompts_per_image=5, box_fraction=1.0, box_noise=0.1, seed=2).initial(
+        masks, boxes, valid, SIZE
+    )
     assert prompts.points is None and prompts.boxes.shape == (4, 4)
     chosen = torch.stack([boxes[i, j] for i, j in ((0, 0), (0, 1), (1, 0), (1, 1))])
     diff = (prompts.boxes[:, None] - chosen[None]).abs().amin(1)  # each noisy box near one chosen GT box
@@ -53,7 +57,9 @@ def test_gt_miss_clicks_land_in_the_missed_part_of_the_gt():
     current[:, 4:12, 4:8] = True  # the left half is found, the right half missed
     current[2] = gt[2]  # nothing missed: the click falls back inside the GT
     sampler = HardPromptSampler(mode="gt_miss", seed=3)
-    start = Prompts(torch.zeros(3, dtype=torch.long), points=torch.full((3, 1, 2), 30.0), labels=torch.ones(3, 1, dtype=torch.int))
+    start = Prompts(
+        torch.zeros(3, dtype=torch.long), points=torch.full((3, 1, 2), 30.0), labels=torch.ones(3, 1, dtype=torch.int)
+    )
     for _ in range(20):
         out = sampler.add_click(start, gt, current, None, SIZE)
         assert out.points.shape == (3, 2, 2) and out.labels[:, 1].tolist() == [1, 1, 1]
@@ -105,8 +111,11 @@ def test_prompt_grid_shows_student_and_teacher_side_by_side():
     image = torch.zeros(3, SIZE, SIZE)
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[:, 4:8, 4:8] = True
-    prompts = Prompts(torch.zeros(2, dtype=torch.long), points=torch.tensor([[[20.0, 20]], [[40, 40]]]),
-                      labels=torch.tensor([[1], [0]], dtype=torch.int))
+    prompts = Prompts(
+        torch.zeros(2, dtype=torch.long),
+        points=torch.tensor([[[20.0, 20]], [[40, 40]]]),
+        labels=torch.tensor([[1], [0]], dtype=torch.int),
+    )
     mean, std = torch.full((3,), 100.0), torch.full((3,), 50.0)
     grid = prompt_grid(image, mean, std, prompts, masks, ~masks)
     assert grid.shape == (3, SIZE, 2 * SIZE) and grid.dtype == torch.uint8

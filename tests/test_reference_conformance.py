@@ -32,7 +32,13 @@ def reference_run(reference_dir, reference_student):
                 kwargs["boxes"] = np.array(p["box_xyxy"])
             masks, iou, low_res = predictor.predict(**kwargs, multimask_output=True)
             key = f"img{index}.{p['kind']}"
-            decoded[key] = (masks, iou, low_res, outputs[f"{key}.iou"].numpy(), outputs[f"{key}.low_res_logits"].numpy())
+            decoded[key] = (
+                masks,
+                iou,
+                low_res,
+                outputs[f"{key}.iou"].numpy(),
+                outputs[f"{key}.low_res_logits"].numpy(),
+            )
     return embeddings, decoded
 
 

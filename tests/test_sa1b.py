@@ -46,10 +46,21 @@ def test_resizes_longest_side_and_pads_like_sam(tmp_path, world):
     mask = np.zeros((100, 300), bool)
     mask[20:60, 200:290] = True
     Image.fromarray(np.full((100, 300, 3), 128, np.uint8)).save(wide / "sa_9.jpg")
-    ann = {"id": 1, "segmentation": encode_rle(mask), "bbox": [200, 20, 90, 40], "area": int(mask.sum()),
-           "point_coords": [[250.0, 40.0]], "predicted_iou": 1.0, "stability_score": 1.0, "crop_box": [0, 0, 300, 100]}
-    (wide / "sa_9.json").write_text(json.dumps({"image": {"image_id": 9, "file_name": "sa_9.jpg", "height": 100,
-                                                          "width": 300}, "annotations": [ann]}))
+    ann = {
+        "id": 1,
+        "segmentation": encode_rle(mask),
+        "bbox": [200, 20, 90, 40],
+        "area": int(mask.sum()),
+        "point_coords": [[250.0, 40.0]],
+        "predicted_iou": 1.0,
+        "stability_score": 1.0,
+        "crop_box": [0, 0, 300, 100],
+    }
+    (wide / "sa_9.json").write_text(
+        json.dumps(
+            {"image": {"image_id": 9, "file_name": "sa_9.jpg", "height": 100, "width": 300}, "annotations": [ann]}
+        )
+    )
     s = SA1BDataset(wide, image_size=240, mask_size=60)[0]
     assert s["input_size"] == (80, 240) and s["original_size"] == (100, 300)
     assert torch.equal(s["image"][:, 80:], torch.zeros(3, 160, 240)), "zero padding after normalisation"
@@ -89,7 +100,7 @@ def broken(tmp_path, world) -> Path:
     image, _ = _copy_pair(world, folder, "sa_103")  # grayscale JPEG: readable
     Image.open(image).convert("L").save(image)
     image, record = _copy_pair(world, folder, "sa_104")  # 16-bit PNG: readable
-    grey16 = (np.asarray(Image.open(image).convert("L")).astype(np.uint16) * 257)
+    grey16 = np.asarray(Image.open(image).convert("L")).astype(np.uint16) * 257
     image.unlink()
     Image.fromarray(grey16).save(folder / "sa_104.png")
     record.rename(folder / "sa_104.json") if record.exists() else None
@@ -138,7 +149,9 @@ def test_loader_pass_survives_bad_files_and_reports(broken):
         report.add(n, batch["skipped"])
         if n:
             assert batch["masks"].shape[:2] == batch["valid"].shape == batch["boxes"].shape[:2]
-            assert batch["valid"].sum() == sum((batch["masks"][i][batch["valid"][i]].flatten(1).any(1)).sum() for i in range(n))
+            assert batch["valid"].sum() == sum(
+                (batch["masks"][i][batch["valid"][i]].flatten(1).any(1)).sum() for i in range(n)
+            )
     assert used == 4 and report.skipped == 4
     summary = report.end_pass()
     assert "skipped 4 of 8" in summary and "RLE size mismatch" in summary

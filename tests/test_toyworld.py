@@ -54,7 +54,7 @@ def test_sa1b_schema_and_pycocotools_round_trip(world):
             assert mask.sum() == ann["area"] == mask_utils.area(dict(rle, counts=rle["counts"].encode()))
             ys, xs = np.nonzero(mask)
             assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-            (px, py), = ann["point_coords"]
+            ((px, py),) = ann["point_coords"]
             assert mask[int(py), int(px)] == 1, "point_coords lies inside its mask"
             assert ann["crop_box"] == [0, 0, image["width"], image["height"]]
 

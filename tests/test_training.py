@@ -52,7 +52,9 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     teacher = build_teacher("vit_toy")
     with torch.no_grad():
         batch["teacher_embedding"] = teacher.image_encoder(batch["image"])
-    module = DistillModule(build_student("tinyvit_toy"), teacher, DistillLoss(), HardPromptSampler(max_rounds=0, seed=0))
+    module = DistillModule(
+        build_student("tinyvit_toy"), teacher, DistillLoss(), HardPromptSampler(max_rounds=0, seed=0)
+    )
     module.log = lambda *args, **kwargs: None
     optimizer = torch.optim.AdamW(module.student.parameters(), lr=2e-3)
     losses = []
@@ -113,8 +115,17 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{REPO / 'tests'}{os.pathsep}{env_path}"
     try:
-        run_script_ok("precompute.py", [f"paths.root_dir={tmp_path}", "data.toyworld.n_train=16", "data.toyworld.n_val=0",
-                                        "splits=[train]", "num_workers=0"], cwd=tmp_path)
+        run_script_ok(
+            "precompute.py",
+            [
+                f"paths.root_dir={tmp_path}",
+                "data.toyworld.n_train=16",
+                "data.toyworld.n_val=0",
+                "splits=[train]",
+                "num_workers=0",
+            ],
+            cwd=tmp_path,
+        )
         run_script_ok("train.py", overrides, cwd=tmp_path)
     finally:
         os.environ["PYTHONPATH"] = env_path
@@ -179,8 +190,18 @@ def test_training_refuses_a_store_of_another_teacher_checkpoint(tmp_path):
     from tinysam.data.embedding_store import read_manifest
 
     overrides = _small_run(tmp_path, steps=1, every=100)
-    run_script_ok("precompute.py", [f"paths.root_dir={tmp_path}", "data.toyworld.n_train=16", "data.toyworld.n_val=0",
-                                    "splits=[train]", "num_workers=0", "teacher.checkpoint=null"], cwd=tmp_path)
+    run_script_ok(
+        "precompute.py",
+        [
+            f"paths.root_dir={tmp_path}",
+            "data.toyworld.n_train=16",
+            "data.toyworld.n_val=0",
+            "splits=[train]",
+            "num_workers=0",
+            "teacher.checkpoint=null",
+        ],
+        cwd=tmp_path,
+    )
     store = tmp_path / "data" / "cache" / "embeddings" / "toyworld-vit_toy"
     assert read_manifest(store)["teacher_checkpoint_sha256"] == "random-init:seed=0"
     proc = run_script("train.py", overrides, cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""Small files shipped with tinysam: the toy teacher's weights (see toy_teacher.json for its recipe)."""
+"""Small files shipped with tinysam: the toy teacher and the default distilled toy student (recipes in their JSON)."""
 
 from pathlib import Path
 

@@ -111,7 +111,9 @@ def read_manifest(store: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise StoreError(f"embedding store {store}: {MANIFEST} is not valid JSON ({err}); recompute the store") from None
+        raise StoreError(
+            f"embedding store {store}: {MANIFEST} is not valid JSON ({err}); recompute the store"
+        ) from None
 
 
 def open_for_writing(store: str | Path, spec: StoreSpec) -> dict[str, Any]:

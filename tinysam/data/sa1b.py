@@ -80,7 +80,9 @@ def find_pairs(roots: str | Path | Sequence[str | Path]) -> tuple[list[tuple[Pat
     pairs, orphans = [], []
     for root in map(Path, roots):
         if not root.is_dir():
-            raise FileNotFoundError(f"SA-1B folder {root} does not exist; pass data folders that hold sa_*.jpg + sa_*.json")
+            raise FileNotFoundError(
+                f"SA-1B folder {root} does not exist; pass data folders that hold sa_*.jpg + sa_*.json"
+            )
         for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             annotation = image.with_suffix(".json")
             if annotation.is_file():
@@ -181,7 +183,9 @@ class SA1BDataset(Dataset):
         annotations = self._select(record["annotations"], (h, w), json_path, rng)
         image, input_size = prepare_image(rgb, self.image_size, self.pixel_mean, self.pixel_std)
         rles = [a["segmentation"] for a in annotations]
-        masks = mask_utils.decode([dict(r, counts=r["counts"].encode()) if isinstance(r["counts"], str) else r for r in rles])
+        masks = mask_utils.decode(
+            [dict(r, counts=r["counts"].encode()) if isinstance(r["counts"], str) else r for r in rles]
+        )
         small = self._masks_in_input_frame(masks, input_size)
         visible = small.flatten(1).any(1).numpy()  # masks thinner than a cell vanish at mask_size
         if not visible.any():
@@ -209,7 +213,9 @@ class SA1BDataset(Dataset):
                 rle_size = tuple(ann["segmentation"]["size"])
                 area, (_, _, bw, bh) = float(ann["area"]), ann["bbox"]
             except (KeyError, TypeError, ValueError) as err:
-                raise BadSample(f"malformed JSON: {json_path.name} annotation {i}: {type(err).__name__} {err}") from None
+                raise BadSample(
+                    f"malformed JSON: {json_path.name} annotation {i}: {type(err).__name__} {err}"
+                ) from None
             if rle_size != size:
                 raise BadSample(f"RLE size mismatch: annotation {i} has size {list(rle_size)}, image is {list(size)}")
             if area >= self.min_mask_area and bw > 0 and bh > 0:

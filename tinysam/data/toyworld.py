@@ -190,7 +190,10 @@ def _sa1b_record(image_id_: int, file_name: str, toy: ToyImage) -> dict:
                 "crop_box": [0.0, 0.0, float(w), float(h)],
             }
         )
-    return {"image": {"image_id": image_id_, "file_name": file_name, "height": h, "width": w}, "annotations": annotations}
+    return {
+        "image": {"image_id": image_id_, "file_name": file_name, "height": h, "width": w},
+        "annotations": annotations,
+    }
 
 
 def _detections(rng: np.random.Generator, record: dict, kinds: list[str], cfg: ToyWorldConfig) -> list[dict]:
@@ -215,7 +218,12 @@ def _detections(rng: np.random.Generator, record: dict, kinds: list[str], cfg: T
             continue
         box = [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)]
         results.append(
-            {"image_id": record["image"]["image_id"], "category_id": category, "bbox": box, "score": round(float(score), 4)}
+            {
+                "image_id": record["image"]["image_id"],
+                "category_id": category,
+                "bbox": box,
+                "score": round(float(score), 4),
+            }
         )
     return results
 
@@ -252,7 +260,9 @@ def write_split(folder: Path, split: str, count: int, cfg: ToyWorldConfig) -> No
             )
         detections.extend(_detections(rng, record, kinds, cfg))
     categories = [{"id": i + 1, "name": kind, "supercategory": "shape"} for i, kind in enumerate(KINDS)]
-    _write_json(folder / "instances.json", {"images": coco_images, "annotations": coco_annotations, "categories": categories})
+    _write_json(
+        folder / "instances.json", {"images": coco_images, "annotations": coco_annotations, "categories": categories}
+    )
     _write_json(folder / "detections.json", detections)
 
 
@@ -303,7 +313,9 @@ def parse_config(argv: list[str]) -> ToyWorldConfig:
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
     except Exception as err:  # omegaconf raises several error types with the key in the message
-        raise SystemExit(f"toyworld: {err.__class__.__name__}: {str(err).splitlines()[0]}; valid keys: {', '.join(base)}")
+        raise SystemExit(
+            f"toyworld: {err.__class__.__name__}: {str(err).splitlines()[0]}; valid keys: {', '.join(base)}"
+        )
     cfg = OmegaConf.to_object(merged)
     if cfg.image_size < 32 or cfg.min_objects < 1 or cfg.max_objects < cfg.min_objects:
         raise SystemExit("toyworld: need image_size >= 32 and 1 <= min_objects <= max_objects")

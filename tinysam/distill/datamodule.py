@@ -189,4 +189,3 @@ class DistillDataModule(L.LightningDataModule):
     def end_pass(self, stage: str) -> str:
         """Log and reset the skip summary of a finished training or validation pass."""
         return self.skips[stage].end_pass()
-

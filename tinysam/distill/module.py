@@ -154,7 +154,9 @@ class DistillModule(L.LightningModule):
                 t = teacher.best() > 0
                 self.log(f"{stage}/miou_teacher", mask_iou(s, t).mean(), batch_size=len(gt), sync_dist=stage != "train")
 
-    def _log_images(self, image: Tensor, prompts: Prompts, student: DecoderOutputs, teacher: DecoderOutputs | None) -> None:
+    def _log_images(
+        self, image: Tensor, prompts: Prompts, student: DecoderOutputs, teacher: DecoderOutputs | None
+    ) -> None:
         """The first image's prompts with student (left) and teacher (right) masks, to TensorBoard."""
         experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_image"):
@@ -175,7 +177,13 @@ class DistillModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "image" not in batch:
             return
-        images, masks, boxes, points, valid = batch["image"], batch["masks"], batch["boxes"], batch["points"], batch["valid"]
+        images, masks, boxes, points, valid = (
+            batch["image"],
+            batch["masks"],
+            batch["boxes"],
+            batch["points"],
+            batch["valid"],
+        )
         teacher_emb = batch.get("teacher_embedding")
         student_emb = self.student.image_encoder(images)
         teacher = self._teacher()
@@ -192,7 +200,9 @@ class DistillModule(L.LightningModule):
             if teacher is not None and teacher_emb is not None:
                 t = decode(teacher, teacher_emb, prompts).best()
                 self.log(f"val/{kind}_miou_teacher", mask_iou(s, t > 0).mean(), batch_size=len(gt), sync_dist=True)
-                self.log(f"val/teacher_{kind}_miou_gt", mask_iou(t[:, None], gt).mean(), batch_size=len(gt), sync_dist=True)
+                self.log(
+                    f"val/teacher_{kind}_miou_gt", mask_iou(t[:, None], gt).mean(), batch_size=len(gt), sync_dist=True
+                )
 
     def on_train_epoch_end(self) -> None:
         self._end_data_pass("train")

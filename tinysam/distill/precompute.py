@@ -133,5 +133,7 @@ def run(cfg: DictConfig) -> Path:
     trainer.strategy.barrier("store-written")
     if trainer.is_global_zero:
         manifest = finalize(cfg.store_dir)
-        log.info("embedding store %s: %d records in %d shards", cfg.store_dir, manifest["count"], len(manifest["shards"]))
+        log.info(
+            "embedding store %s: %d records in %d shards", cfg.store_dir, manifest["count"], len(manifest["shards"])
+        )
     return Path(cfg.store_dir)

@@ -99,7 +99,9 @@ class HardPromptSampler:
         labels = torch.ones(n, 1, dtype=torch.int, device=masks.device)
         return Prompts(image_index, points=points[:, None], labels=labels), gt
 
-    def add_click(self, prompts: Prompts, gt: Tensor, current: Tensor, reference: Tensor | None, image_size: int) -> Prompts:
+    def add_click(
+        self, prompts: Prompts, gt: Tensor, current: Tensor, reference: Tensor | None, image_size: int
+    ) -> Prompts:
         """Append one click per prompt.
 
         ``gt`` (N, h, w) are the targeted masks, ``current`` (N, h, w) the prediction being

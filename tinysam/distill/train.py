@@ -42,8 +42,12 @@ def ensure_store(cfg: DictConfig) -> None:
                 "seed": cfg.seed,
                 "data": OmegaConf.to_container(cfg.data, resolve=True),
                 "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
-                "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": cfg.trainer.accelerator,
-                            "devices": 1, "logger": False},
+                "trainer": {
+                    "_target_": "lightning.pytorch.Trainer",
+                    "accelerator": cfg.trainer.accelerator,
+                    "devices": 1,
+                    "logger": False,
+                },
                 "splits": ["train", "val"] if cfg.data.val_dirs else ["train"],
                 "store_dir": str(store),
                 "shard_size": 256,
@@ -58,8 +62,11 @@ def metrics_table(metrics: dict[str, float]) -> str:
     """Markdown table of the held-out mIoUs that validation logged."""
     rows = ["| prompt | student vs GT | student vs teacher | teacher vs GT |", "|---|---|---|---|"]
     for kind in VAL_KINDS:
-        cells = [metrics.get(f"val/{kind}_miou_gt"), metrics.get(f"val/{kind}_miou_teacher"),
-                 metrics.get(f"val/teacher_{kind}_miou_gt")]
+        cells = [
+            metrics.get(f"val/{kind}_miou_gt"),
+            metrics.get(f"val/{kind}_miou_teacher"),
+            metrics.get(f"val/teacher_{kind}_miou_gt"),
+        ]
         rows.append(f"| {kind} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(rows)
 

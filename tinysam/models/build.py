@@ -229,12 +229,19 @@ def architecture_builders() -> dict[str, Callable[[], Sam]]:
     return builders
 
 
-
 def load_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Sam:
     """Any registered architecture with ``checkpoint`` loaded, frozen, in eval mode on ``device``.
 
     The inference entry points (evaluation, segment-everything, quantization) use this;
-    ``checkpoint`` may be an official ``.pth`` or one of our safetensors files.
+    ``checkpoint`` may be an official ``.pth``, one of our safetensors files, or a quantized
+    model directory written by ``quantize.py`` (its fake-quant model; ``name`` must match it).
     """
+    from tinysam.quant.artifact import is_quantized_dir, load_quantized
+
+    if checkpoint is not None and is_quantized_dir(checkpoint):
+        model, info = load_quantized(checkpoint)
+        if info["arch"] != name:
+            raise ValueError(f"{checkpoint} holds a quantized {info['arch']}, not {name}; pass model={info['arch']}")
+        return model.to(device)
     model = build_student(name, checkpoint) if name in STUDENTS else build_teacher(name, checkpoint)
     return model.eval().requires_grad_(False).to(device)

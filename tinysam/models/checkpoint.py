@@ -127,14 +127,18 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], path: 
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
-        f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected if k in state and tuple(state[k].shape) != expected[k]
+        f"{k} {tuple(state[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
     ]
     if not (missing or unexpected or wrong_shape):
         return
     arch = getattr(model, "arch", type(model).__name__)
     guess, share = closest_architecture(state)
-    looks_like = f"its keys look like {guess!r} ({share:.0%} of keys and shapes match)" if share > 0.2 else (
-        "its keys match no architecture tinysam knows"
+    looks_like = (
+        f"its keys look like {guess!r} ({share:.0%} of keys and shapes match)"
+        if share > 0.2
+        else ("its keys match no architecture tinysam knows")
     )
     details = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
@@ -173,6 +177,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are shared like any output
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

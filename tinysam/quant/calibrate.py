@@ -26,15 +26,14 @@ from tinysam.quant.scale_search import LayerSamples, minmax_layer, search_layer
 
 
 def decode_points(model: Sam, embedding: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-    """Multimask low-res logits and IoUs of single positive points (input frame) on one embedding."""
+    """Low-res logits and IoUs of every output (single-mask and multimask) for single positive points."""
     labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
     sparse, dense = model.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
-    return model.mask_decoder(
+    return model.mask_decoder.predict_masks(
         image_embeddings=embedding,
         image_pe=model.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
-        multimask_output=True,
     )
 
 
@@ -90,7 +89,9 @@ def collect(
         by_call = dict(grads[name])  # outputs the loss does not depend on (the IoU head) weigh errors evenly
         rec["grads"] = [by_call.get(i, torch.ones_like(out)) for i, out in enumerate(rec["outputs"])]
         if weight_axis(layer.layer) is None:
-            inputs, outputs, grads_ = (torch.cat([_rows(t) for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
+            inputs, outputs, grads_ = (
+                torch.cat([_rows(t) for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"])
+            )
             if len(inputs) > max_rows:
                 keep = torch.randperm(len(inputs), generator=generator)[:max_rows]
                 inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
@@ -101,8 +102,12 @@ def collect(
 
 
 def calibrate(
-    layers: dict[str, QuantLayer], samples: dict[str, LayerSamples], method: str = "hessian",
-    rounds: int = 3, candidates: int = 100, progress: Callable[[Iterable], Iterable] = iter,
+    layers: dict[str, QuantLayer],
+    samples: dict[str, LayerSamples],
+    method: str = "hessian",
+    rounds: int = 3,
+    candidates: int = 100,
+    progress: Callable[[Iterable], Iterable] = iter,
 ) -> dict[str, dict[str, float]]:
     """Set the scales of every layer seen in calibration; returns per-layer distances (``hessian``)."""
     if method not in ("hessian", "minmax"):

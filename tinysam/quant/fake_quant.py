@@ -34,7 +34,9 @@ class QuantLayer(nn.Module):
         self.layer = layer
         self.weight_bits, self.act_bits = check_bits(weight_bits), check_bits(act_bits)
         axis = weight_axis(layer)
-        self.register_buffer("weight_scale", absmax_scale(layer.weight.detach(), weight_bits, () if axis is None else (axis,)))
+        self.register_buffer(
+            "weight_scale", absmax_scale(layer.weight.detach(), weight_bits, () if axis is None else (axis,))
+        )
         self.register_buffer("act_scale", torch.ones(()))
         self.enabled = False
 
@@ -44,8 +46,9 @@ class QuantLayer(nn.Module):
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, layer.bias)
         if isinstance(layer, nn.ConvTranspose2d):
-            return F.conv_transpose2d(x, weight, layer.bias, layer.stride, layer.padding, layer.output_padding,
-                                      layer.groups, layer.dilation)
+            return F.conv_transpose2d(
+                x, weight, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+            )
         return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     def quantized_weight(self) -> Tensor:

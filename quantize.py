@@ -1,0 +1,20 @@
+"""Post-training quantization: python quantize.py [checkpoint=... model=...] [weight_bits=8 act_bits=8] [out=DIR]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from tinysam.config import one_line_errors, register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="quantize")
+def main(cfg: DictConfig) -> None:
+    from tinysam.quant.run import run
+
+    with one_line_errors():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Quantization: quantizer error bounds, Hessian-guided search vs min-max, calibration, artifacts, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tinysam import Predictor, build_student
+from tinysam.assets import asset_path
+from tinysam.models.build import load_model
+from tinysam.models.checkpoint import CheckpointError
+from tinysam.quant.artifact import load_quantized, save_quantized
+from tinysam.quant.calibrate import calibrate, collect
+from tinysam.quant.fake_quant import QuantLayer, wrap_model
+from tinysam.quant.quantizers import TwinScale, absmax_scale, check_bits, fake_quant, qmax, quantize
+from tinysam.quant.scale_search import LayerSamples, hessian_distance, minmax_layer, search_layer
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_error_bounds_per_layer_channel_and_head(bits):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 8, generator=g) * torch.tensor([0.01, 1.0, 10.0, 100.0]).view(1, 4, 1, 1)
+    for dims in [(), (1,)]:  # per layer; per channel / per head (axis 1 of (B, heads, tokens, dim))
+        scale = absmax_scale(x, bits, dims)
+        assert scale.shape == ((1, 1, 1, 1) if not dims else (1, 4, 1, 1))
+        err = (fake_quant(x, scale, bits) - x).abs()
+        assert (err <= scale / 2 + 1e-6).all(), "within half a step everywhere inside the range"
+        levels = quantize(x, scale, bits)
+        assert levels.min() >= -(2 ** (bits - 1)) and levels.max() <= qmax(bits) and (levels == levels.round()).all()
+    per_layer = (fake_quant(x, absmax_scale(x, bits), bits) - x)[:, 0].abs().max()
+    per_channel = (fake_quant(x, absmax_scale(x, bits, (1,)), bits) - x)[:, 0].abs().max()
+    assert per_channel < per_layer / 10, "a small channel keeps its precision with its own scale"
+    outside = fake_quant(torch.tensor([1e6]), torch.tensor(1.0), bits)
+    assert outside.item() == qmax(bits), "values beyond the range clip to the top level"
+
+
+def test_twin_scale_keeps_small_values_fine():
+    probs = torch.softmax(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1)) * 3, dim=-1)
+    single = fake_quant(probs, absmax_scale(probs, 8), 8)
+    twin = TwinScale(small=torch.tensor(1 / 2**12), large=absmax_scale(probs, 7), bits=8)(probs)
+    small = probs < 0.01
+    assert (twin - probs)[small].abs().mean() < (single - probs)[small].abs().mean() / 4
+    assert (twin - probs).abs().max() <= absmax_scale(probs, 7) / 2 + 1e-6
+
+
+def test_unsupported_bits_are_refused():
+    with pytest.raises(ValueError, match="unsupported bit width 16"):
+        check_bits(16)
+    with pytest.raises(ValueError, match="unsupported bit width 1"):
+        QuantLayer(nn.Linear(2, 2), weight_bits=1)
+
+
+@pytest.mark.parametrize("case", ["heavy_tailed", "outliers_that_do_not_matter"])
+def test_search_beats_minmax_on_a_layer_with_outliers(case):
+    torch.manual_seed(0)
+    layer = QuantLayer(nn.Linear(32, 16), weight_bits=4, act_bits=4)
+    if case == "heavy_tailed":  # ViT-like activations: a few large values stretch the min-max range
+        x = torch.distributions.StudentT(2.0).sample((512, 32))
+    else:
+        x = torch.randn(512, 32)
+        x[::97, 3] = 80.0
+    with torch.no_grad():
+        out = layer.layer(x)
+    grads = torch.ones_like(out)
+    if case == "outliers_that_do_not_matter":
+        grads[::97] = 0.0  # dL/dO = 0 on the outlier rows: the Hessian-guided distance ignores them
+    samples = LayerSamples(x, out, grads)
+    minmax_layer(layer, samples)
+    minmax = hessian_distance(layer, samples, layer.weight_scale, layer.act_scale).sum()
+    report = search_layer(layer, samples, rounds=2, candidates=50)
+    searched = hessian_distance(layer, samples, layer.weight_scale, layer.act_scale).sum()
+    assert report["minmax"] == pytest.approx(minmax.item()) and report["searched"] == pytest.approx(searched.item())
+    assert searched < (0.7 if case == "heavy_tailed" else 0.1) * minmax, (searched, minmax)
+    assert layer.act_scale < x.abs().max() / qmax(4), "the search clips the outliers"
+
+
+def test_hessian_weighting_follows_the_gradient():
+    """Where dL/dO is zero, errors do not count: the search then ignores those outputs."""
+    g = torch.Generator().manual_seed(2)
+    layer = QuantLayer(nn.Conv2d(3, 4, 3, padding=1), weight_bits=4, act_bits=8)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        out = layer.layer(x)
+    grads = torch.zeros_like(out)
+    grads[:, 0] = 1.0  # only channel 0 matters
+    samples = LayerSamples(x, out, grads)
+    per_channel = hessian_distance(layer, samples, layer.weight_scale, (x.abs().max() / 127).reshape(()))
+    assert per_channel.shape == (4,) and per_channel[0] > 0 and (per_channel[1:] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def toy_images():
+    from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
+
+    cfg = ToyWorldConfig(out="unused", n_train=4, n_val=0, seed=0)
+    return [generate_image(image_rng(0, "train", i), cfg).image for i in range(4)]
+
+
+def mask_agreement(a: Predictor, b: Predictor, images) -> float:
+    ious = []
+    for rgb in images:
+        a.set_image(rgb)
+        b.set_image(rgb)
+        boxes = np.array([[20, 30, 120, 160], [100, 40, 240, 200], [10, 10, 250, 250]])
+        ma, _, _ = a.predict(boxes=boxes, multimask_output=False)
+        mb, _, _ = b.predict(boxes=boxes, multimask_output=False)
+        inter, union = (ma & mb).sum((1, 2, 3)), (ma | mb).sum((1, 2, 3))
+        ious += list(inter / np.maximum(union, 1))
+    return float(np.mean(ious))
+
+
+def test_calibrated_w8a8_toy_student_stays_close_and_reloads(toy_images, tmp_path):
+    float_model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    layers = wrap_model(model)
+    samples = collect(model, layers, toy_images[:2], points_per_side=2)
+    assert len(samples) > 50 and all(s.grads.abs().sum() > 0 for s in samples.values())
+    report = calibrate(layers, samples, "hessian", rounds=1, candidates=20)
+    assert sum(r["searched"] for r in report.values()) <= sum(r["minmax"] for r in report.values())
+    agreement = mask_agreement(Predictor(float_model), Predictor(model), toy_images[2:])
+    assert agreement > 0.9, agreement
+    save_quantized(model, layers, tmp_path / "q", {"weight_bits": 8, "act_bits": 8, "method": "hessian"})
+    recipe = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert recipe["arch"] == "tinyvit_toy" and len(recipe["quantized_layers"]) == len(samples)
+    reloaded = load_model("tinyvit_toy", tmp_path / "q")
+    assert mask_agreement(Predictor(model), Predictor(reloaded), toy_images[2:3]) == 1.0
+    with pytest.raises(ValueError, match="pass model=tinyvit_toy"):
+        load_model("tinyvit_5m", tmp_path / "q")
+
+
+def test_quantize_script_and_its_errors(tmp_path):
+    from helpers import run_script
+
+    out = tmp_path / "q"
+    proc = run_script(
+        "quantize.py",
+        [
+            f"out={out}",
+            "calibration.count=2",
+            "search.candidates=10",
+            "search.rounds=1",
+            "calibration.points_per_side=2",
+        ],
+        cwd=tmp_path,
+    )
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-3000:]
+    assert "W8A8 (hessian)" in text and (out / "model.safetensors").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for overrides, message in [
+        ([f"calibration.images={empty}", "calibration.toyworld=null"], "holds no .jpg/.png images"),
+        (["model=tinyvit_5m"], "look like 'tinyvit_toy'"),
+        (["weight_bits=16"], "unsupported bit width 16"),
+    ]:
+        proc = run_script("quantize.py", [f"out={tmp_path / 'bad'}", *overrides], cwd=tmp_path)
+        text, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and message in text, (overrides, text[-2000:])
+
+
+def test_not_a_quantized_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="not a quantized model directory"):
+        load_quantized(tmp_path)
+    assert build_student("tinyvit_toy") is not None
