@@ -150,6 +150,19 @@ def test_quantize_script_and_its_errors(tmp_path):
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text[-3000:]
     assert "W8A8 (hessian)" in text and (out / "model.safetensors").is_file()
+    # the INT8 ONNX encoder carries our scales and agrees with the fake-quant model
+    import onnx
+
+    fake = load_model("tinyvit_toy", out)
+    layer = fake.image_encoder.layers[1].blocks[0].mlp.fc1
+    graph = onnx.load(str(out / "encoder.onnx")).graph
+    scales = {float(onnx.numpy_helper.to_array(i)) for i in graph.initializer if i.name.endswith("_scale") and not i.dims}
+    assert any(abs(s - float(layer.act_scale)) < 1e-9 for s in scales), "our activation scale is in the graph"
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20
+    from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
+
+    images = [generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused")).image for i in range(2)]
+    assert mask_agreement(Predictor(fake), Predictor(fake, backend="onnx", onnx_dir=out), images) > 0.85
     empty = tmp_path / "empty"
     empty.mkdir()
     for overrides, message in [

@@ -1,7 +1,8 @@
 """Fake-quantized layers: float kernels on quantized values, to measure a quantized model's accuracy.
 
 :func:`wrap_model` replaces every ``Linear``, ``Conv2d`` and ``ConvTranspose2d`` of a SAM-family
-model (image encoder, prompt encoder, mask decoder) by a :class:`QuantLayer`: weights per output
+model (image encoder, prompt encoder, mask decoder), after folding BatchNorms into their
+convolutions, by a :class:`QuantLayer`: weights per output
 channel for convolutions and transposed convolutions, per layer for linear layers; the input
 activation per layer. A disabled layer computes in float (calibration passes).
 """
@@ -60,8 +61,32 @@ class QuantLayer(nn.Module):
         return self.compute(fake_quant(x, self.act_scale, self.act_bits), self.quantized_weight())
 
 
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d into the Conv2d before it (TinyViT's ``c`` + ``bn`` pairs), in place.
+
+    Quantization applies to the folded weights, as deployment (and ONNX export) runs them.
+    Returns the number of folded pairs.
+    """
+    folded = 0
+    for module in model.modules():
+        conv, bn = getattr(module, "c", None), getattr(module, "bn", None)
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            continue
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, bias=True).to(conv.weight)
+        fused.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((bias - bn.running_mean) * factor + bn.bias)
+        module.c, module.bn = fused, nn.Identity()
+        folded += 1
+    return folded
+
+
 def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dict[str, QuantLayer]:
-    """Replace every quantizable layer of ``model`` in place; returns them by qualified name."""
+    """Fold BatchNorms, then replace every quantizable layer of ``model`` in place; returns them by name."""
+    fold_batchnorm(model)
     wrapped = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

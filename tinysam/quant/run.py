@@ -10,12 +10,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tinysam.data.toyworld import generate
-from tinysam.data.transforms import ImageError, load_image
+from tinysam.data.transforms import ImageError, load_image, prepare_image
 from tinysam.eval.data import progress, resolve_device
 from tinysam.everything.annotate import list_images
 from tinysam.models.build import load_model
 from tinysam.quant.artifact import save_quantized
 from tinysam.quant.calibrate import calibrate, collect
+from tinysam.quant.export import export_onnx
 from tinysam.quant.fake_quant import wrap_model
 from tinysam.quant.quantizers import check_bits
 
@@ -40,6 +41,11 @@ def calibration_images(folder: str | Path, count: int) -> tuple[list, list[str],
     if not images:
         raise ImageError(f"calibration folder {folder}: none of its {len(files)} images is readable")
     return images, names, skipped
+
+
+def _mkdir(path: str) -> Path:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -78,6 +84,9 @@ def run(cfg: DictConfig) -> dict:
         },
         "search": {"rounds": cfg.search.rounds, "candidates": cfg.search.candidates, "layers": search},
     }
+    size = model.image_encoder.img_size
+    mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
+    recipe["onnx"] = export_onnx(model.cpu(), layers, _mkdir(cfg.out), [prepare_image(im, size, mean, std)[0] for im in images])
     out = save_quantized(model, layers, cfg.out, recipe)
     n = sum(layer.enabled for layer in layers.values())
     print(

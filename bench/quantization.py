@@ -1,0 +1,135 @@
+"""Quantization side by side in one run: float vs fake-quant (Hessian-guided and min-max) vs INT8 onnxruntime.
+
+Accuracy on the toy world (the shipped distilled toy student, calibrated on 8 training images,
+evaluated on the 16 validation images): box and 1-click mIoU against the float model and against
+ground truth. Speed and size at 1024 px (``tinyvit_5m``, the reference weights): encoder latency
+of eager PyTorch, our fastest float path (onnxruntime) and the INT8 onnxruntime encoder.
+
+    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinysam import Predictor
+from tinysam.assets import asset_path
+from tinysam.backends import onnx_session
+from tinysam.data.toyworld import ToyWorldConfig, generate
+from tinysam.data.transforms import load_image, prepare_image
+from tinysam.eval.data import CocoLayout
+from tinysam.eval.prompt_miou import image_ious
+from tinysam.everything.annotate import list_images
+from tinysam.export import export_encoder
+from tinysam.models.build import load_model
+from tinysam.quant.artifact import save_quantized
+from tinysam.quant.calibrate import calibrate, collect
+from tinysam.quant.export import export_onnx
+from tinysam.quant.fake_quant import wrap_model
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def quantized(arch: str, checkpoint, images, bits: int, method: str, candidates: int, out: Path):
+    model = load_model(arch, checkpoint)
+    layers = wrap_model(model, bits, bits)
+    calibrate(layers, collect(model, layers, images), method, candidates=candidates)
+    size = model.image_encoder.img_size
+    mean, std = model.pixel_mean.flatten(), model.pixel_std.flatten()
+    export_onnx(model, layers, out, [prepare_image(im, size, mean, std)[0] for im in images])
+    save_quantized(model, layers, out, {"weight_bits": bits, "act_bits": bits, "method": method})
+    return model
+
+
+def accuracy(predictors: dict[str, Predictor], reference: Predictor, val: CocoLayout) -> dict[str, dict[str, float]]:
+    scores: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    skipped: dict = {}
+    for _, rgb, gt in val.instances(skipped):
+        reference.set_image(rgb)
+        for name, predictor in predictors.items():
+            predictor.set_image(rgb)
+            for kind, refs in image_ious(predictor, gt, 1, True, reference).items():
+                scores[name][f"{kind} vs GT"] += refs["gt"].tolist()
+                scores[name][f"{kind} vs float"] += refs["teacher"].tolist()
+    return {n: {k: float(np.mean(v)) for k, v in s.items()} for n, s in scores.items()}
+
+
+def latency(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def mib(*paths: Path) -> float:
+    return sum(p.stat().st_size for p in paths) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        world = generate(ToyWorldConfig(out=str(tmp / "toy"), n_train=8, n_val=16, seed=0))
+        calib = [load_image(p) for p in list_images(world / "train")[:8]]
+        student = asset_path("toy_student.safetensors")
+        float_model = load_model("tinyvit_toy", student)
+        hessian = quantized("tinyvit_toy", student, calib, args.bits, "hessian", args.candidates, tmp / "hessian")
+        minmax = quantized("tinyvit_toy", student, calib, args.bits, "minmax", args.candidates, tmp / "minmax")
+        predictors = {
+            "float (eager)": Predictor(float_model),
+            "fake-quant, min-max": Predictor(minmax),
+            "fake-quant, Hessian-guided": Predictor(hessian),
+            "INT8 onnxruntime, Hessian-guided": Predictor(hessian, backend="onnx", onnx_dir=tmp / "hessian"),
+        }
+        val = CocoLayout(images=str(world / "val"), annotations=str(world / "val" / "instances.json"))
+        acc = accuracy(predictors, Predictor(float_model), val)
+
+        # speed and size at 1024 px
+        ref = REFERENCE / "tinysam_vit_t_seed0.safetensors"
+        big = load_model("tinyvit_5m", ref if ref.is_file() else None)
+        photo = load_image(sorted((REFERENCE / "images").glob("*.jpg"))[0]) if REFERENCE.is_dir() else calib[0]
+        export_encoder(big, tmp / "float.onnx")
+        quantized("tinyvit_5m", ref if ref.is_file() else None, [photo], args.bits, "minmax", args.candidates, tmp / "big")
+        x = prepare_image(photo, 1024, big.pixel_mean.flatten(), big.pixel_std.flatten())[0][None]
+        with torch.inference_mode():
+            eager_s = latency(lambda: big.image_encoder(x), args.runs)
+        float_sess, int8_sess = onnx_session(tmp / "float.onnx"), onnx_session(tmp / "big" / "encoder.onnx")
+        ort_s = latency(lambda: float_sess.run(None, {"image": x.numpy()}), args.runs)
+        int8_s = latency(lambda: int8_sess.run(None, {"image": x.numpy()}), args.runs)
+        sizes = {"float": mib(ref) if ref.is_file() else float("nan"), "int8": mib(tmp / "big" / "model.safetensors"),
+                 "float_onnx": mib(tmp / "float.onnx"), "int8_onnx": mib(tmp / "big" / "encoder.onnx")}
+
+    print(f"W{args.bits}A{args.bits}; toy world: toy student, 8 calibration images, 16 validation images "
+          f"({torch.get_num_threads()} threads)")
+    kinds = list(next(iter(acc.values())))
+    print("| model | " + " | ".join(kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    for name, values in acc.items():
+        print(f"| {name} | " + " | ".join(f"{values[k]:.3f}" for k in kinds) + " |")
+    loss = {k: 100 * (acc["float (eager)"][k] - acc["INT8 onnxruntime, Hessian-guided"][k]) for k in kinds if "GT" in k}
+    print(f"INT8 mIoU loss vs float, points: {loss} (target <= 1)")
+    print(f"tinyvit_5m encoder at 1024 px, median of {args.runs}: eager {1000 * eager_s:.0f} ms, "
+          f"onnxruntime float {1000 * ort_s:.0f} ms, onnxruntime INT8 {1000 * int8_s:.0f} ms; "
+          f"INT8 vs our fastest float path: {ort_s / int8_s:.2f}x (target >= 1.5x)")
+    print(f"size on disk: float safetensors {sizes['float']:.1f} MiB, int8 safetensors {sizes['int8']:.1f} MiB, "
+          f"float encoder ONNX {sizes['float_onnx']:.1f} MiB, INT8 encoder ONNX {sizes['int8_onnx']:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
