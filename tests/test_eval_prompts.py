@@ -86,3 +86,11 @@ def test_prompt_miou_against_itself_as_teacher(val, tmp_path):
     same = evaluate(teacher, tmp_path / "sa1b", Sa1bLayout(images=str(val)), clicks=1)
     assert same["objects"] == objects
     assert same["miou"]["box"]["gt"]["all"] == pytest.approx(miou["box"]["gt"]["all"], abs=1e-4)
+
+
+def test_iou_of_two_empty_masks_is_one():
+    from tinysam.eval.prompt_miou import iou
+
+    empty = np.zeros((2, 4, 4), dtype=bool)
+    full = np.ones((2, 4, 4), dtype=bool)
+    assert iou(empty, empty).tolist() == [1.0, 1.0] and iou(empty, full).tolist() == [0.0, 0.0]

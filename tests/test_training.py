@@ -24,6 +24,17 @@ from tinysam.distill.prompts import HardPromptSampler
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 
 
+def precompute_train_store(tmp_path, *overrides: str) -> None:
+    """The teacher store of a 16-image toy world's training split, computed by precompute.py."""
+    run_script_ok(
+        "precompute.py",
+        [f"paths.root_dir={tmp_path}", "data.toyworld.n_train=16", "data.toyworld.n_val=0", "splits=[train]",
+         "num_workers=0", *overrides],
+        cwd=tmp_path,
+    )
+
+
+
 def _small_run(root: Path, steps: int, every: int) -> list[str]:
     """A few-second toy run: 16 images, no validation, checkpoints every ``every`` steps."""
     return [
@@ -115,17 +126,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{REPO / 'tests'}{os.pathsep}{env_path}"
     try:
-        run_script_ok(
-            "precompute.py",
-            [
-                f"paths.root_dir={tmp_path}",
-                "data.toyworld.n_train=16",
-                "data.toyworld.n_val=0",
-                "splits=[train]",
-                "num_workers=0",
-            ],
-            cwd=tmp_path,
-        )
+        precompute_train_store(tmp_path)
         run_script_ok("train.py", overrides, cwd=tmp_path)
     finally:
         os.environ["PYTHONPATH"] = env_path
@@ -190,18 +191,7 @@ def test_training_refuses_a_store_of_another_teacher_checkpoint(tmp_path):
     from tinysam.data.embedding_store import read_manifest
 
     overrides = _small_run(tmp_path, steps=1, every=100)
-    run_script_ok(
-        "precompute.py",
-        [
-            f"paths.root_dir={tmp_path}",
-            "data.toyworld.n_train=16",
-            "data.toyworld.n_val=0",
-            "splits=[train]",
-            "num_workers=0",
-            "teacher.checkpoint=null",
-        ],
-        cwd=tmp_path,
-    )
+    precompute_train_store(tmp_path, "teacher.checkpoint=null")
     store = tmp_path / "data" / "cache" / "embeddings" / "toyworld-vit_toy"
     assert read_manifest(store)["teacher_checkpoint_sha256"] == "random-init:seed=0"
     proc = run_script("train.py", overrides, cwd=tmp_path)

@@ -71,10 +71,10 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of boolean masks (N, H, W) pairwise along N."""
+    """IoU of boolean masks (N, H, W) pairwise along N; two empty masks agree (IoU 1)."""
     inter = (a & b).reshape(len(a), -1).sum(1)
     union = (a | b).reshape(len(a), -1).sum(1)
-    return inter / np.maximum(union, 1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def _predict(predictor: Predictor, multimask: bool, **prompts) -> np.ndarray:

@@ -99,6 +99,7 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer], out: str | Path, imag
     from tinysam.export import DECODER, ENCODER, export_decoder, export_encoder
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     enabled = {n: layer.enabled for n, layer in layers.items()}
     for layer in layers.values():
         layer.enabled = False  # export the float graph; the QDQ pass adds the quantization

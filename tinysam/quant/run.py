@@ -43,11 +43,6 @@ def calibration_images(folder: str | Path, count: int) -> tuple[list, list[str],
     return images, names, skipped
 
 
-def _mkdir(path: str) -> Path:
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return Path(path)
-
-
 def run(cfg: DictConfig) -> dict:
     """Quantize ``cfg.model`` from ``cfg.checkpoint`` and write ``cfg.out``; returns the recipe written."""
     weight_bits, act_bits = check_bits(cfg.weight_bits), check_bits(cfg.act_bits)
@@ -86,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
     }
     size = model.image_encoder.img_size
     mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
-    recipe["onnx"] = export_onnx(model.cpu(), layers, _mkdir(cfg.out), [prepare_image(im, size, mean, std)[0] for im in images])
+    recipe["onnx"] = export_onnx(model.cpu(), layers, cfg.out, [prepare_image(im, size, mean, std)[0] for im in images])
     out = save_quantized(model, layers, cfg.out, recipe)
     n = sum(layer.enabled for layer in layers.values())
     print(
