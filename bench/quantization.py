@@ -24,10 +24,9 @@ from tinysam import Predictor
 from tinysam.assets import asset_path
 from tinysam.backends import onnx_session
 from tinysam.data.toyworld import ToyWorldConfig, generate
-from tinysam.data.transforms import load_image, prepare_image
+from tinysam.data.transforms import list_images, load_image, model_input
 from tinysam.eval.data import CocoLayout
 from tinysam.eval.prompt_miou import image_ious
-from tinysam.everything.annotate import list_images
 from tinysam.export import export_encoder
 from tinysam.models.build import load_model
 from tinysam.quant.artifact import save_quantized
@@ -42,9 +41,7 @@ def quantized(arch: str, checkpoint, images, bits: int, method: str, candidates:
     model = load_model(arch, checkpoint)
     layers = wrap_model(model, bits, bits)
     calibrate(layers, collect(model, layers, images), method, candidates=candidates)
-    size = model.image_encoder.img_size
-    mean, std = model.pixel_mean.flatten(), model.pixel_std.flatten()
-    export_onnx(model, layers, out, [prepare_image(im, size, mean, std)[0] for im in images])
+    export_onnx(model, layers, out, [model_input(model, im) for im in images])
     save_quantized(model, layers, out, {"weight_bits": bits, "act_bits": bits, "method": method})
     return model
 
@@ -105,18 +102,26 @@ def main() -> None:
         big = load_model("tinyvit_5m", ref if ref.is_file() else None)
         photo = load_image(sorted((REFERENCE / "images").glob("*.jpg"))[0]) if REFERENCE.is_dir() else calib[0]
         export_encoder(big, tmp / "float.onnx")
-        quantized("tinyvit_5m", ref if ref.is_file() else None, [photo], args.bits, "minmax", args.candidates, tmp / "big")
-        x = prepare_image(photo, 1024, big.pixel_mean.flatten(), big.pixel_std.flatten())[0][None]
+        quantized(
+            "tinyvit_5m", ref if ref.is_file() else None, [photo], args.bits, "minmax", args.candidates, tmp / "big"
+        )
+        x = model_input(big, photo)[None]
         with torch.inference_mode():
             eager_s = latency(lambda: big.image_encoder(x), args.runs)
         float_sess, int8_sess = onnx_session(tmp / "float.onnx"), onnx_session(tmp / "big" / "encoder.onnx")
         ort_s = latency(lambda: float_sess.run(None, {"image": x.numpy()}), args.runs)
         int8_s = latency(lambda: int8_sess.run(None, {"image": x.numpy()}), args.runs)
-        sizes = {"float": mib(ref) if ref.is_file() else float("nan"), "int8": mib(tmp / "big" / "model.safetensors"),
-                 "float_onnx": mib(tmp / "float.onnx"), "int8_onnx": mib(tmp / "big" / "encoder.onnx")}
+        sizes = {
+            "float": mib(ref) if ref.is_file() else float("nan"),
+            "int8": mib(tmp / "big" / "model.safetensors"),
+            "float_onnx": mib(tmp / "float.onnx"),
+            "int8_onnx": mib(tmp / "big" / "encoder.onnx"),
+        }
 
-    print(f"W{args.bits}A{args.bits}; toy world: toy student, 8 calibration images, 16 validation images "
-          f"({torch.get_num_threads()} threads)")
+    print(
+        f"W{args.bits}A{args.bits}; toy world: toy student, 8 calibration images, 16 validation images "
+        f"({torch.get_num_threads()} threads)"
+    )
     kinds = list(next(iter(acc.values())))
     print("| model | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
@@ -124,11 +129,15 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{values[k]:.3f}" for k in kinds) + " |")
     loss = {k: 100 * (acc["float (eager)"][k] - acc["INT8 onnxruntime, Hessian-guided"][k]) for k in kinds if "GT" in k}
     print(f"INT8 mIoU loss vs float, points: {loss} (target <= 1)")
-    print(f"tinyvit_5m encoder at 1024 px, median of {args.runs}: eager {1000 * eager_s:.0f} ms, "
-          f"onnxruntime float {1000 * ort_s:.0f} ms, onnxruntime INT8 {1000 * int8_s:.0f} ms; "
-          f"INT8 vs our fastest float path: {ort_s / int8_s:.2f}x (target >= 1.5x)")
-    print(f"size on disk: float safetensors {sizes['float']:.1f} MiB, int8 safetensors {sizes['int8']:.1f} MiB, "
-          f"float encoder ONNX {sizes['float_onnx']:.1f} MiB, INT8 encoder ONNX {sizes['int8_onnx']:.1f} MiB")
+    print(
+        f"tinyvit_5m encoder at 1024 px, median of {args.runs}: eager {1000 * eager_s:.0f} ms, "
+        f"onnxruntime float {1000 * ort_s:.0f} ms, onnxruntime INT8 {1000 * int8_s:.0f} ms; "
+        f"INT8 vs our fastest float path: {ort_s / int8_s:.2f}x (target >= 1.5x)"
+    )
+    print(
+        f"size on disk: float safetensors {sizes['float']:.1f} MiB, int8 safetensors {sizes['int8']:.1f} MiB, "
+        f"float encoder ONNX {sizes['float_onnx']:.1f} MiB, INT8 encoder ONNX {sizes['int8_onnx']:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from omegaconf import OmegaConf
 from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 
-from tinysam.data.sa1b import IMAGE_SUFFIXES
-from tinysam.data.transforms import load_image, prepare_image
+from tinysam.data.transforms import list_images, load_image, model_input
 from tinysam.models.build import load_model
 
 OPSET = 17
@@ -134,10 +133,9 @@ def check_against_torch(model: Sam, out: Path, images: list[Path]) -> dict[str, 
     decoder = ort.InferenceSession(str(out / DECODER), providers=["CPUExecutionProvider"])
     predictor = Predictor(model)
     worst = {"embedding": 0.0, "low_res_logits": 0.0, "iou": 0.0}
-    mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
     for path in images:
         rgb = load_image(path)
-        x, _ = prepare_image(rgb, model.image_encoder.img_size, mean, std)
+        x = model_input(model, rgb)
         ours = encoder.run(None, {"image": x[None].numpy()})[0]
         predictor.set_image(rgb)
         ref = predictor.features.cpu().numpy()
@@ -183,7 +181,7 @@ def export(model: Sam, out: str | Path, images: list[Path], **metadata) -> dict:
 def reference_images() -> list[Path]:
     """The shared reference photos beside the repository, when present."""
     folder = Path(__file__).resolve().parents[2] / "shared" / "reference" / "images"
-    return sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    return list_images(folder) if folder.is_dir() else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,11 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             f"export: unknown keys {sorted(unknown)}; usage: python -m tinysam.export "
             "checkpoint=PATH [model=tinyvit_5m] out=DIR [images=DIR]"
         )
-    images = (
-        sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if "images" in args
-        else reference_images()
-    )
+    images = list_images(args.images) if "images" in args else reference_images()
     if not images:
         raise SystemExit("export: no images to check the export on; pass images=<folder of images>")
     name = args.get("model", "tinyvit_5m")

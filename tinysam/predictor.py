@@ -10,7 +10,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from tinysam.backends import make_backend
-from tinysam.data.transforms import load_image, prepare_image, to_rgb_uint8
+from tinysam.data.transforms import load_image, model_input, to_rgb_uint8
 
 POSTPROCESS_CHUNK = 16  # prompts upscaled to full resolution at a time, bounding peak memory
 
@@ -78,8 +78,7 @@ class Predictor:
         orientation applied.
         """
         rgb = load_image(image) if isinstance(image, (str, Path)) else to_rgb_uint8(image)
-        mean, std = self.model.pixel_mean.flatten().cpu(), self.model.pixel_std.flatten().cpu()
-        x, _ = prepare_image(rgb, self.transform.target_length, mean, std)
+        x = model_input(self.model, rgb)
         self.set_embedding(self.backend.encode(x[None].to(self.device)), rgb.shape[:2])
 
     def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int]) -> None:

@@ -24,11 +24,10 @@ from pycocotools import mask as mask_utils
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import Dataset
 
-from tinysam.data.transforms import ImageError, load_image, prepare_image
+from tinysam.data.transforms import ImageError, list_images, load_image, prepare_image
 from tinysam.models.build import PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def find_pairs(roots: str | Path | Sequence[str | Path]) -> tuple[list[tuple[Pat
             raise FileNotFoundError(
                 f"SA-1B folder {root} does not exist; pass data folders that hold sa_*.jpg + sa_*.json"
             )
-        for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        for image in list_images(root):
             annotation = image.with_suffix(".json")
             if annotation.is_file():
                 pairs.append((image, annotation))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from segment_anything.utils.transforms import ResizeLongestSide
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -96,3 +97,17 @@ def prepare_image(
     h, w = x.shape[-2:]
     x = F.pad((x - mean) / std, (0, image_size - w, 0, image_size - h))
     return x, (h, w)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (:data:`IMAGE_SUFFIXES`) directly in ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {folder} does not exist; pass a folder of .jpg/.png images")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def model_input(model: torch.nn.Module, rgb: np.ndarray) -> torch.Tensor:
+    """``rgb`` as the (3, S, S) input of a SAM-family ``model``: its resize, normalisation and padding."""
+    mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
+    return prepare_image(rgb, model.image_encoder.img_size, mean, std)[0]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,27 +21,16 @@ from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 
 from tinysam.data.coco import load_coco_instances
-from tinysam.data.sa1b import IMAGE_SUFFIXES
 from tinysam.data.toyworld import ToyWorldConfig, generate
-from tinysam.data.transforms import ImageError, load_image
-from tinysam.eval.coco_instances import score_proposals
+from tinysam.data.transforms import ImageError, list_images, load_image
+from tinysam.eval.coco_instances import metrics_table, score_proposals
 from tinysam.eval.data import progress
 from tinysam.everything.hierarchical import DenseMaskGenerator, HierarchicalMaskGenerator
+from tinysam.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 GENERATORS = {"hierarchical": HierarchicalMaskGenerator, "dense": DenseMaskGenerator}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def sa1b_record(file_name: str, image_id: int, size: tuple[int, int], masks: list[dict[str, Any]]) -> dict:
@@ -62,14 +49,6 @@ def overlay(rgb: np.ndarray, masks: list[np.ndarray], seed: int = 0) -> np.ndarr
     for i in np.argsort([-m.sum() for m in masks]):
         out[masks[i]] = 0.45 * out[masks[i]] + 0.55 * colours[i]
     return out.astype(np.uint8)
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"images folder {folder} does not exist; pass images=<folder of images>")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def annotate(
@@ -113,12 +92,12 @@ def annotate(
         n_masks += len(masks)
         image_id = ids_by_name.get(path.name, index)
         record = sa1b_record(path.name, image_id, rgb.shape[:2], masks)
-        _write_atomic(out_dir / f"{path.stem}.json", json.dumps(record).encode())
+        atomic_write_bytes(out_dir / f"{path.stem}.json", json.dumps(record).encode())
         if overlays:
             binary = [mask_utils.decode(m["segmentation"]).astype(bool) for m in masks]
             png = io.BytesIO()
             Image.fromarray(overlay(rgb, binary)).save(png, format="PNG")
-            _write_atomic(out_dir / f"{path.stem}_overlay.png", png.getvalue())
+            atomic_write_bytes(out_dir / f"{path.stem}_overlay.png", png.getvalue())
         if path.name in ids_by_name:
             scored_ids.append(image_id)
             results += [
@@ -142,17 +121,8 @@ def annotate(
             log.warning("none of the images is listed in %s: nothing to score", annotations)
         report["proposals"] = score_proposals(coco, results, scored_ids)
         report["scored_images"] = len(scored_ids)
-        names = list(report["proposals"])
         print(f"class-agnostic mask AR (%) on {len(scored_ids)} annotated images")
-        print(
-            "| "
-            + " | ".join(names)
-            + " |\n|"
-            + "---|" * len(names)
-            + "\n| "
-            + " | ".join(f"{report['proposals'][n]:.1f}" for n in names)
-            + " |"
-        )
+        print(metrics_table(report["proposals"]))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(json.dumps(report, indent=2))
     return report

@@ -8,9 +8,7 @@ failure is a single :class:`CheckpointError` line naming the file and the fix.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tinysam.io import atomic_write
 
 WHERE_TO_GET_WEIGHTS = (
     "official weights are published by their authors: SAM ViT-H/L/B at "
@@ -170,20 +170,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"metadata {sidecar} is not valid JSON ({err}); delete or fix it") from None
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are shared like any output
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, **metadata: Any) -> Path:
     """Write ``model``'s state dict as safetensors plus a JSON sidecar of metadata; returns the path.
 
@@ -204,6 +190,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, **metadata: Any) -> Path
         info["image_size"] = int(encoder.img_size)
     info.update(metadata)
     text = json.dumps(info, indent=2, sort_keys=True)
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"tinysam": text}))
-    _atomic_write(metadata_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"tinysam": text}))
+    atomic_write(metadata_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
     return path

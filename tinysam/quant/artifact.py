@@ -10,8 +10,6 @@ quantized layers, and the weights are dequantized onto the scales' grids.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
+from tinysam.io import atomic_write
 from tinysam.models.checkpoint import CheckpointError
 from tinysam.quant.fake_quant import QuantLayer, wrap_model
 from tinysam.quant.quantizers import quantize
 
 WEIGHTS, RECIPE = "model.safetensors", "quantization.json"
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_quantized(model: Sam, layers: dict[str, QuantLayer], out: str | Path, recipe: dict[str, Any]) -> Path:
@@ -48,8 +36,8 @@ def save_quantized(model: Sam, layers: dict[str, QuantLayer], out: str | Path, r
         state.pop(f"{name}.layer.weight")
         state[f"{name}.weight_q"] = quantize(layer.layer.weight, layer.weight_scale, layer.weight_bits).to(torch.int8)
     info = dict(recipe, format="tinysam-quantized", arch=model.arch, quantized_layers=quantized)
-    _atomic(out / WEIGHTS, lambda tmp: save_file(state, tmp))
-    _atomic(out / RECIPE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
+    atomic_write(out / RECIPE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     return out
 
 

@@ -19,7 +19,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 
-from tinysam.data.transforms import prepare_image
+from tinysam.data.transforms import model_input
 from tinysam.everything.base import grid_points
 from tinysam.quant.fake_quant import QuantLayer, set_enabled, weight_axis
 from tinysam.quant.scale_search import LayerSamples, minmax_layer, search_layer
@@ -68,11 +68,11 @@ def collect(
     for name, layer in layers.items():
         handles.append(layer.register_forward_hook(hook(name)))
     size = model.image_encoder.img_size
-    mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
     try:
         for rgb in images:
-            x, _ = prepare_image(rgb, size, mean, std)
-            x = x[None].to(model.device).requires_grad_(True)  # so that every activation carries a gradient
+            x = (
+                model_input(model, rgb)[None].to(model.device).requires_grad_(True)
+            )  # so that every activation carries a gradient
             embedding = model.image_encoder(x)
             points = ResizeLongestSide(size).apply_coords(grid_points(points_per_side, rgb.shape[:2]), rgb.shape[:2])
             logits, _ = decode_points(model, embedding, torch.as_tensor(points, dtype=torch.float, device=x.device))

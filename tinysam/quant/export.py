@@ -73,8 +73,9 @@ class _Reader:
         return next(self.feeds, None)
 
 
-def quantize_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer], prefix: str,
-                  feeds: list[dict[str, np.ndarray]]) -> Path:
+def quantize_onnx(
+    float_path: Path, out_path: Path, layers: dict[str, QuantLayer], prefix: str, feeds: list[dict[str, np.ndarray]]
+) -> Path:
     """``float_path`` quantized to QDQ int8 with our scales, written to ``out_path``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -82,15 +83,23 @@ def quantize_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer
     if not nodes:
         raise ValueError(f"{float_path}: no node matches a quantized layer under '{prefix}'")
     quantize_static(
-        str(float_path), str(out_path), _Reader(feeds), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-        nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
+        str(float_path),
+        str(out_path),
+        _Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_quantize=nodes,
+        calibrate_method=CalibrationMethod.MinMax,
         extra_options={"WeightSymmetric": True, "TensorQuantOverrides": tensor_overrides},
     )
     return out_path
 
 
-def export_onnx(model: Sam, layers: dict[str, QuantLayer], out: str | Path, images: list[torch.Tensor]) -> dict[str, str]:
+def export_onnx(
+    model: Sam, layers: dict[str, QuantLayer], out: str | Path, images: list[torch.Tensor]
+) -> dict[str, str]:
     """``encoder.onnx`` (int8 QDQ with our scales) and ``decoder.onnx`` (float) of a calibrated model.
 
     ``images`` are preprocessed calibration inputs (3, S, S). The pair is what

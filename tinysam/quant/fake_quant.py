@@ -74,8 +74,16 @@ def fold_batchnorm(model: nn.Module) -> int:
         if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
             continue
         factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=True).to(conv.weight)
+        fused = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=True,
+        ).to(conv.weight)
         fused.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((bias - bn.running_mean) * factor + bn.bias)

@@ -10,9 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tinysam.data.toyworld import generate
-from tinysam.data.transforms import ImageError, load_image, prepare_image
+from tinysam.data.transforms import ImageError, list_images, load_image, model_input
 from tinysam.eval.data import progress, resolve_device
-from tinysam.everything.annotate import list_images
 from tinysam.models.build import load_model
 from tinysam.quant.artifact import save_quantized
 from tinysam.quant.calibrate import calibrate, collect
@@ -79,9 +78,7 @@ def run(cfg: DictConfig) -> dict:
         },
         "search": {"rounds": cfg.search.rounds, "candidates": cfg.search.candidates, "layers": search},
     }
-    size = model.image_encoder.img_size
-    mean, std = model.pixel_mean.flatten().cpu(), model.pixel_std.flatten().cpu()
-    recipe["onnx"] = export_onnx(model.cpu(), layers, cfg.out, [prepare_image(im, size, mean, std)[0] for im in images])
+    recipe["onnx"] = export_onnx(model.cpu(), layers, cfg.out, [model_input(model, im) for im in images])
     out = save_quantized(model, layers, cfg.out, recipe)
     n = sum(layer.enabled for layer in layers.values())
     print(
