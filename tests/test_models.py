@@ -91,3 +91,10 @@ def test_unknown_architecture_and_bad_size():
         build_student("tinyvit_5m", image_size=1000)
     with pytest.raises(ValueError, match="1024 px only"):
         build_teacher("vit_b", image_size=512)
+
+
+def test_load_model_names_every_architecture_when_unknown():
+    from tinysam.models.build import load_model
+
+    with pytest.raises(KeyError, match="tinyvit_5m, tinyvit_toy, vit_b, vit_h, vit_l, vit_toy"):
+        load_model("vit_t")

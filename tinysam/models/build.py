@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from segment_anything import sam_model_registry
@@ -110,7 +110,7 @@ def _assemble(image_encoder: nn.Module, image_size: int, decoder: DecoderSpec, a
     return sam
 
 
-def _unknown(name: str, registry: dict) -> KeyError:
+def _unknown(name: str, registry: Iterable[str]) -> KeyError:
     return KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(registry))}")
 
 
@@ -243,5 +243,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, device: str | to
         if info["arch"] != name:
             raise ValueError(f"{checkpoint} holds a quantized {info['arch']}, not {name}; pass model={info['arch']}")
         return model.to(device)
+    if name not in STUDENTS and name not in SAM_TEACHERS and name not in TOY_TEACHERS:
+        raise _unknown(name, {*STUDENTS, *SAM_TEACHERS, *TOY_TEACHERS})
     model = build_student(name, checkpoint) if name in STUDENTS else build_teacher(name, checkpoint)
     return model.eval().requires_grad_(False).to(device)
