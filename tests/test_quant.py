@@ -14,10 +14,19 @@ from tinysam.assets import asset_path
 from tinysam.models.build import load_model
 from tinysam.models.checkpoint import CheckpointError
 from tinysam.quant.artifact import load_quantized, save_quantized
+from tinysam.quant.attention import QuantMatMul
 from tinysam.quant.calibrate import calibrate, collect
 from tinysam.quant.fake_quant import QuantLayer, wrap_model
 from tinysam.quant.quantizers import TwinScale, absmax_scale, check_bits, fake_quant, qmax, quantize
-from tinysam.quant.scale_search import LayerSamples, hessian_distance, minmax_layer, search_layer
+from tinysam.quant.scale_search import (
+    LayerSamples,
+    MatMulSamples,
+    hessian_distance,
+    minmax_layer,
+    minmax_matmul,
+    search_layer,
+    search_matmul,
+)
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
@@ -156,7 +165,9 @@ def test_quantize_script_and_its_errors(tmp_path):
     fake = load_model("tinyvit_toy", out)
     layer = fake.image_encoder.layers[1].blocks[0].mlp.fc1
     graph = onnx.load(str(out / "encoder.onnx")).graph
-    scales = {float(onnx.numpy_helper.to_array(i)) for i in graph.initializer if i.name.endswith("_scale") and not i.dims}
+    scales = {
+        float(onnx.numpy_helper.to_array(i)) for i in graph.initializer if i.name.endswith("_scale") and not i.dims
+    }
     assert any(abs(s - float(layer.act_scale)) < 1e-9 for s in scales), "our activation scale is in the graph"
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20
     from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
@@ -179,3 +190,47 @@ def test_not_a_quantized_dir(tmp_path):
     with pytest.raises(CheckpointError, match="not a quantized model directory"):
         load_quantized(tmp_path)
     assert build_student("tinyvit_toy") is not None
+
+
+def test_quantized_attention_computes_the_same_when_disabled():
+    """Wrapping (BatchNorm folding, explicit attention through QuantMatMul) changes nothing until enabled."""
+    torch.manual_seed(0)
+    model = build_student("tinyvit_toy").eval()
+    x = torch.randn(1, 3, 256, 256)
+    points = torch.tensor([[[40.0, 60.0]], [[200.0, 100.0]]])
+    labels = torch.ones(2, 1, dtype=torch.int)
+
+    def run(m):
+        with torch.no_grad():
+            emb = m.image_encoder(x)
+            sparse, dense = m.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+            low, iou = m.mask_decoder(emb, m.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
+        return emb, low, iou
+
+    before = run(model)
+    modules = wrap_model(model)
+    after = run(model)
+    for a, b in zip(before, after):
+        assert (a - b).abs().max() < 1e-4
+    matmuls = [n for n, m in modules.items() if isinstance(m, QuantMatMul)]
+    assert any(n.startswith("image_encoder.") and n.endswith(".attn.qk") for n in matmuls)
+    assert any(n.startswith("mask_decoder.transformer.") and n.endswith(".av") for n in matmuls)
+
+
+def test_matmul_scales_are_per_head_and_searched():
+    g = torch.Generator().manual_seed(3)
+    mm = QuantMatMul(heads=2, bits=4)
+    a = torch.randn(8, 2, 16, 8, generator=g) * torch.tensor([1.0, 50.0]).view(1, 2, 1, 1)
+    b = torch.distributions.StudentT(2.0).sample((8, 2, 8, 16))
+    out = a @ b
+    samples = MatMulSamples(a, b, out, torch.ones_like(out))
+    minmax_matmul(mm, samples)
+    assert mm.a_scale[0, 1] > 20 * mm.a_scale[0, 0], "each head gets its own scale"
+    report = search_matmul(mm, samples, rounds=2, candidates=30)
+    assert report["searched"] < 0.8 * report["minmax"]
+    probs = torch.softmax(torch.randn(8, 2, 16, 16, generator=g) * 3, dim=-1)
+    av = QuantMatMul(heads=2, bits=8, softmax_input=True)
+    v = torch.randn(8, 2, 16, 8, generator=g)
+    samples = MatMulSamples(probs, v, probs @ v, torch.ones(8, 2, 16, 8))
+    report = search_matmul(av, samples, rounds=1, candidates=30)
+    assert report["searched"] < report["minmax"] and (av.a_small < av.a_scale).all()

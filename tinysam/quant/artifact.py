@@ -33,6 +33,8 @@ def save_quantized(model: Sam, layers: dict[str, QuantLayer], out: str | Path, r
     quantized = sorted(name for name, layer in layers.items() if layer.enabled)
     for name in quantized:
         layer = layers[name]
+        if not isinstance(layer, QuantLayer):
+            continue  # attention matmuls: their scales are buffers in the state dict
         state.pop(f"{name}.layer.weight")
         state[f"{name}.weight_q"] = quantize(layer.layer.weight, layer.weight_scale, layer.weight_bits).to(torch.int8)
     info = dict(recipe, format="tinysam-quantized", arch=model.arch, quantized_layers=quantized)
@@ -64,8 +66,9 @@ def load_quantized(path: str | Path) -> tuple[Sam, dict[str, Any]]:
     layers = wrap_model(model, bits_w, bits_a)
     state = load_file(path / WEIGHTS)
     for name in info["quantized_layers"]:
-        levels = state.pop(f"{name}.weight_q")
-        state[f"{name}.layer.weight"] = levels.float() * state[f"{name}.weight_scale"]
+        if f"{name}.weight_q" in state:
+            levels = state.pop(f"{name}.weight_q")
+            state[f"{name}.layer.weight"] = levels.float() * state[f"{name}.weight_scale"]
         layers[name].enabled = True
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False), info

@@ -22,7 +22,15 @@ from torch import Tensor
 from tinysam.data.transforms import model_input
 from tinysam.everything.base import grid_points
 from tinysam.quant.fake_quant import QuantLayer, set_enabled, weight_axis
-from tinysam.quant.scale_search import LayerSamples, minmax_layer, search_layer
+from tinysam.quant.attention import QuantMatMul
+from tinysam.quant.scale_search import (
+    LayerSamples,
+    MatMulSamples,
+    minmax_layer,
+    minmax_matmul,
+    search_layer,
+    search_matmul,
+)
 
 
 def decode_points(model: Sam, embedding: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,13 +51,18 @@ def _rows(t: Tensor) -> Tensor:
 
 def collect(
     model: Sam,
-    layers: dict[str, QuantLayer],
+    layers: dict[str, QuantLayer | QuantMatMul],
     images: Iterable[np.ndarray],
     points_per_side: int = 4,
     max_rows: int = 4096,
+    max_matrices: int = 64,
     seed: int = 0,
-) -> dict[str, LayerSamples]:
-    """Inputs, float outputs and dL/dO of every layer over ``images`` (linear layers: ``max_rows`` sampled rows)."""
+) -> dict[str, LayerSamples | MatMulSamples]:
+    """Inputs, float outputs and dL/dO of every quantized module over ``images``.
+
+    Linear layers keep ``max_rows`` sampled rows, attention matmuls ``max_matrices`` sampled
+    (window or prompt) entries of their batch axis.
+    """
     set_enabled(layers, False)
     records: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
     grads: dict[str, list[tuple[int, Tensor]]] = defaultdict(list)
@@ -59,6 +72,8 @@ def collect(
         def record(module, inputs, output):
             call = len(records[name]["inputs"])
             records[name]["inputs"].append(inputs[0].detach())
+            if len(inputs) > 1:  # an attention matmul's right operand
+                records[name]["second"].append(inputs[1].detach())
             records[name]["outputs"].append(output.detach())
             if output.requires_grad:
                 output.register_hook(lambda grad: grads[name].append((call, grad.detach())))
@@ -70,9 +85,8 @@ def collect(
     size = model.image_encoder.img_size
     try:
         for rgb in images:
-            x = (
-                model_input(model, rgb)[None].to(model.device).requires_grad_(True)
-            )  # so that every activation carries a gradient
+            x = model_input(model, rgb)[None].to(model.device)
+            x.requires_grad_(True)  # so that every activation carries a gradient
             embedding = model.image_encoder(x)
             points = ResizeLongestSide(size).apply_coords(grid_points(points_per_side, rgb.shape[:2]), rgb.shape[:2])
             logits, _ = decode_points(model, embedding, torch.as_tensor(points, dtype=torch.float, device=x.device))
@@ -88,6 +102,15 @@ def collect(
             continue  # a layer these prompts never reach (the mask-prompt convolutions): stays float
         by_call = dict(grads[name])  # outputs the loss does not depend on (the IoU head) weigh errors evenly
         rec["grads"] = [by_call.get(i, torch.ones_like(out)) for i, out in enumerate(rec["outputs"])]
+        if isinstance(layer, QuantMatMul):
+            a, b, outputs, grads_ = (
+                torch.cat(ts) for ts in (rec["inputs"], rec["second"], rec["outputs"], rec["grads"])
+            )
+            if len(a) > max_matrices:
+                keep = torch.randperm(len(a), generator=generator)[:max_matrices]
+                a, b, outputs, grads_ = a[keep], b[keep], outputs[keep], grads_[keep]
+            samples[name] = MatMulSamples(a, b, outputs, grads_)
+            continue
         if weight_axis(layer.layer) is None:
             inputs, outputs, grads_ = (
                 torch.cat([_rows(t) for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"])
@@ -102,21 +125,23 @@ def collect(
 
 
 def calibrate(
-    layers: dict[str, QuantLayer],
-    samples: dict[str, LayerSamples],
+    layers: dict[str, QuantLayer | QuantMatMul],
+    samples: dict[str, LayerSamples | MatMulSamples],
     method: str = "hessian",
     rounds: int = 3,
     candidates: int = 100,
     progress: Callable[[Iterable], Iterable] = iter,
 ) -> dict[str, dict[str, float]]:
-    """Set the scales of every layer seen in calibration; returns per-layer distances (``hessian``)."""
+    """Set the scales of every module seen in calibration; returns per-module distances (``hessian``)."""
     if method not in ("hessian", "minmax"):
         raise ValueError(f"unknown calibration method {method!r}; choose hessian or minmax")
     report = {}
     for name in progress(list(samples)):
+        matmul = isinstance(layers[name], QuantMatMul)
         if method == "hessian":
-            report[name] = search_layer(layers[name], samples[name], rounds, candidates)
+            search = search_matmul if matmul else search_layer
+            report[name] = search(layers[name], samples[name], rounds, candidates)
         else:
-            minmax_layer(layers[name], samples[name])
+            (minmax_matmul if matmul else minmax_layer)(layers[name], samples[name])
     set_enabled({n: layers[n] for n in samples}, True)
     return report

@@ -48,8 +48,8 @@ def overrides(model_path: Path, layers: dict[str, QuantLayer], prefix: str) -> t
         if node.op_type not in QUANTIZED_OPS or len(node.input) < 2 or node.input[1] not in initializers:
             continue
         layer = layers.get(module_path(node.name, prefix).removesuffix(".layer"))  # QuantLayer wraps ``layer``
-        if layer is None or not layer.enabled:
-            continue
+        if not isinstance(layer, QuantLayer) or not layer.enabled:
+            continue  # attention matmuls stay float in the ONNX model
         weight = initializers[node.input[1]]
         axis = {"Conv": 0, "ConvTranspose": 1}.get(node.op_type, len(weight.dims) - 1)
         channels = weight.dims[axis]

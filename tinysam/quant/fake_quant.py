@@ -4,7 +4,8 @@
 model (image encoder, prompt encoder, mask decoder), after folding BatchNorms into their
 convolutions, by a :class:`QuantLayer`: weights per output
 channel for convolutions and transposed convolutions, per layer for linear layers; the input
-activation per layer. A disabled layer computes in float (calibration passes).
+activation per layer; every attention gets per-head quantized matmuls (:mod:`tinysam.quant.attention`).
+A disabled module computes in float (calibration passes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinysam.quant.attention import QuantMatMul, quantize_attention
 from tinysam.quant.quantizers import absmax_scale, check_bits, fake_quant
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
@@ -92,10 +94,13 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dict[str, QuantLayer]:
-    """Fold BatchNorms, then replace every quantizable layer of ``model`` in place; returns them by name."""
+def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dict[str, QuantLayer | QuantMatMul]:
+    """Fold BatchNorms, replace every quantizable layer and give every attention quantized matmuls, in place.
+
+    Returns the quantized modules (layers and attention matmuls) by qualified name.
+    """
     fold_batchnorm(model)
-    wrapped = {}
+    wrapped: dict[str, QuantLayer | QuantMatMul] = dict(quantize_attention(model, act_bits))
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, QUANTIZABLE):
@@ -105,7 +110,7 @@ def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dic
     return wrapped
 
 
-def set_enabled(layers: dict[str, QuantLayer], enabled: bool) -> None:
+def set_enabled(layers: dict[str, QuantLayer | QuantMatMul], enabled: bool) -> None:
     """Switch fake quantization on (quantized model) or off (float model) for every layer."""
     for layer in layers.values():
         layer.enabled = enabled

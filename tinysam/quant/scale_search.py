@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tinysam.quant.attention import QuantMatMul
 from tinysam.quant.fake_quant import QuantLayer, weight_axis
 from tinysam.quant.quantizers import absmax_scale, fake_quant, qmax, scale_shape
 
@@ -86,3 +87,64 @@ def minmax_layer(layer: QuantLayer, samples: LayerSamples) -> None:
     axis = weight_axis(layer.layer)
     layer.weight_scale.copy_(absmax_scale(layer.layer.weight, layer.weight_bits, () if axis is None else (axis,)))
     layer.act_scale.copy_(samples.inputs.abs().amax().clamp_min(1e-8) / (2 ** (layer.act_bits - 1) - 1))
+
+
+@dataclass
+class MatMulSamples:
+    """What one attention matmul saw: both operands, the float product and dL/dO at it."""
+
+    a: Tensor
+    b: Tensor
+    outputs: Tensor
+    grads: Tensor
+
+
+def matmul_distance(mm: QuantMatMul, samples: MatMulSamples, a_scale: Tensor, b_scale: Tensor) -> Tensor:
+    """E[(dL/dO * (O - O_q))^2] per head; ``a_scale`` is the small twin scale for a post-softmax operand."""
+    error = (samples.grads * (samples.outputs - mm.compute(samples.a, samples.b, a_scale, b_scale))).square()
+    return error.transpose(0, 1).reshape(error.shape[1], -1).mean(1)
+
+
+def _head_peak(x: Tensor) -> Tensor:
+    return x.abs().amax(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+
+
+@torch.no_grad()
+def minmax_matmul(mm: QuantMatMul, samples: MatMulSamples) -> None:
+    """Per-head scales from the largest values; a post-softmax operand keeps one range ([0, 1], b-1 bits)."""
+    mm.b_scale.copy_(_head_peak(samples.b) / qmax(mm.bits))
+    if mm.softmax_input:
+        mm.a_small.copy_(mm.a_scale)
+    else:
+        mm.a_scale.copy_(_head_peak(samples.a) / qmax(mm.bits))
+
+
+@torch.no_grad()
+def search_matmul(mm: QuantMatMul, samples: MatMulSamples, rounds: int = 3, candidates: int = 100) -> dict[str, float]:
+    """Per-head alternating Hessian-guided search of both operands' scales, starting from min-max.
+
+    For a post-softmax operand the small twin scale is searched in [0.01, 1] x the fixed large one.
+    """
+    minmax_matmul(mm, samples)
+    a_scale = (mm.a_small if mm.softmax_input else mm.a_scale).clone()
+    b_scale = mm.b_scale.clone()
+    if mm.softmax_input:
+        a_grid = torch.linspace(0.01, 1.0, candidates).view(-1, 1, 1, 1, 1) * mm.a_scale
+    else:
+        a_grid = candidate_scales(a_scale * qmax(mm.bits), mm.bits, candidates)
+    b_grid = candidate_scales(b_scale * qmax(mm.bits), mm.bits, candidates)
+    best = matmul_distance(mm, samples, a_scale, b_scale)
+    start = best.sum().item()
+    heads = (1, -1, 1, 1)
+    for _ in range(rounds):
+        for scale in b_grid:
+            d = matmul_distance(mm, samples, a_scale, scale)
+            b_scale = torch.where((d < best).view(heads), scale, b_scale)
+            best = torch.minimum(best, d)
+        for scale in a_grid:
+            d = matmul_distance(mm, samples, scale, b_scale)
+            a_scale = torch.where((d < best).view(heads), scale, a_scale)
+            best = torch.minimum(best, d)
+    (mm.a_small if mm.softmax_input else mm.a_scale).copy_(a_scale)
+    mm.b_scale.copy_(b_scale)
+    return {"minmax": start, "searched": best.sum().item()}
