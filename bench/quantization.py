@@ -29,20 +29,14 @@ from tinysam.eval.data import CocoLayout
 from tinysam.eval.prompt_miou import image_ious
 from tinysam.export import export_encoder
 from tinysam.models.build import load_model
-from tinysam.quant.artifact import save_quantized
-from tinysam.quant.calibrate import calibrate, collect
-from tinysam.quant.export import export_onnx
-from tinysam.quant.fake_quant import wrap_model
+from tinysam.quant.run import quantize_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def quantized(arch: str, checkpoint, images, bits: int, method: str, candidates: int, out: Path):
     model = load_model(arch, checkpoint)
-    layers = wrap_model(model, bits, bits)
-    calibrate(layers, collect(model, layers, images), method, candidates=candidates)
-    export_onnx(model, layers, out, [model_input(model, im) for im in images])
-    save_quantized(model, layers, out, {"weight_bits": bits, "act_bits": bits, "method": method})
+    quantize_model(model, images, out, bits, bits, method, candidates=candidates)
     return model
 
 

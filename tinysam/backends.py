@@ -106,10 +106,10 @@ class OnnxBackend:
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.cpu().numpy()
 
+        side = self.mask_side  # the decoder's image-size masks are not used here: keep them small
         feed = decoder_feed(
-            numpy(features), numpy(points), numpy(labels), numpy(boxes), numpy(mask_input), (1, 1), self.mask_side
+            numpy(features), numpy(points), numpy(labels), numpy(boxes), numpy(mask_input), (side, side), side
         )
-        feed["orig_im_size"] = np.array([self.mask_side, self.mask_side], np.float32)  # masks at image size unused
         _, iou, low_res = self.decoder.run(None, feed)
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return torch.from_numpy(low_res[:, keep]), torch.from_numpy(iou[:, keep])

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from tinysam.data.transforms import model_input
 from tinysam.everything.base import grid_points
-from tinysam.quant.fake_quant import QuantLayer, set_enabled, weight_axis
 from tinysam.quant.attention import QuantMatMul
+from tinysam.quant.fake_quant import QuantLayer, set_enabled, weight_axis
 from tinysam.quant.scale_search import (
     LayerSamples,
     MatMulSamples,

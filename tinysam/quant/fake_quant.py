@@ -36,10 +36,7 @@ class QuantLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.weight_bits, self.act_bits = check_bits(weight_bits), check_bits(act_bits)
-        axis = weight_axis(layer)
-        self.register_buffer(
-            "weight_scale", absmax_scale(layer.weight.detach(), weight_bits, () if axis is None else (axis,))
-        )
+        self.register_buffer("weight_scale", self.minmax_weight_scale())
         self.register_buffer("act_scale", torch.ones(()))
         self.enabled = False
 
@@ -53,6 +50,11 @@ class QuantLayer(nn.Module):
                 x, weight, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
             )
         return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def minmax_weight_scale(self) -> Tensor:
+        """max|W| / (2^(b-1) - 1) per output channel (convolutions) or for the whole weight (linear)."""
+        axis = weight_axis(self.layer)
+        return absmax_scale(self.layer.weight.detach(), self.weight_bits, () if axis is None else (axis,))
 
     def quantized_weight(self) -> Tensor:
         return fake_quant(self.layer.weight, self.weight_scale, self.weight_bits)

@@ -43,13 +43,6 @@ def absmax_scale(x: Tensor, bits: int, dims: tuple[int, ...] = ()) -> Tensor:
     return (peak / qmax(bits)).clamp_min(1e-8)
 
 
-def group_view(x: Tensor, axis: int | None) -> Tensor:
-    """``x`` as (groups, rest): one row per index of ``axis`` (one row in all when ``axis`` is None)."""
-    if axis is None:
-        return x.reshape(1, -1)
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-
-
 def scale_shape(x: Tensor, axis: int | None) -> list[int]:
     """The broadcastable shape of a scale for ``x`` with one value per index of ``axis``."""
     shape = [1] * x.dim()

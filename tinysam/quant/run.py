@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from segment_anything.modeling import Sam
 
 from tinysam.data.toyworld import generate
 from tinysam.data.transforms import ImageError, list_images, load_image, model_input
@@ -42,6 +45,52 @@ def calibration_images(folder: str | Path, count: int) -> tuple[list, list[str],
     return images, names, skipped
 
 
+GRANULARITY = {
+    "conv": "per output channel",
+    "conv_transpose": "per output channel",
+    "linear": "per layer",
+    "activations": "per layer",
+    "attention_matmuls": "per head; post-softmax operand with twin scales",
+}
+
+
+def quantize_model(
+    model: Sam,
+    images: list[np.ndarray],
+    out: str | Path,
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    method: str = "hessian",
+    rounds: int = 3,
+    candidates: int = 100,
+    points_per_side: int = 4,
+    recipe: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> tuple[dict[str, Any], dict]:
+    """Quantize ``model`` in place on calibration ``images`` and write the quantized directory ``out``.
+
+    Returns the recipe written (``recipe`` plus bits, method, granularity, search report and ONNX
+    files) and the quantized modules by name.
+    """
+    track = progress if show_progress else (lambda items, _description: items)
+    layers = wrap_model(model, weight_bits, act_bits)
+    samples = collect(model, layers, track(images, "calibrating"), points_per_side=points_per_side)
+    search = calibrate(
+        layers, samples, method, rounds, candidates, progress=lambda names: track(names, f"scale search ({method})")
+    )
+    recipe = dict(
+        recipe or {},
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        method=method,
+        granularity=GRANULARITY,
+        search={"rounds": rounds, "candidates": candidates, "layers": search},
+    )
+    recipe["onnx"] = export_onnx(model.cpu(), layers, out, [model_input(model, im) for im in images])
+    save_quantized(model, layers, out, recipe)
+    return recipe, layers
+
+
 def run(cfg: DictConfig) -> dict:
     """Quantize ``cfg.model`` from ``cfg.checkpoint`` and write ``cfg.out``; returns the recipe written."""
     weight_bits, act_bits = check_bits(cfg.weight_bits), check_bits(cfg.act_bits)
@@ -49,42 +98,33 @@ def run(cfg: DictConfig) -> dict:
         generate(instantiate(cfg.calibration.toyworld))
     images, names, skipped = calibration_images(cfg.calibration.images, cfg.calibration.count)
     model = load_model(cfg.model, cfg.checkpoint, resolve_device(cfg.device))
-    layers = wrap_model(model, weight_bits, act_bits)
-    samples = collect(model, layers, progress(images, "calibrating"), points_per_side=cfg.calibration.points_per_side)
-    search = calibrate(
-        layers,
-        samples,
+    recipe, layers = quantize_model(
+        model,
+        images,
+        cfg.out,
+        weight_bits,
+        act_bits,
         cfg.method,
         cfg.search.rounds,
         cfg.search.candidates,
-        progress=lambda names_: progress(names_, f"scale search ({cfg.method})"),
+        cfg.calibration.points_per_side,
+        show_progress=True,
+        recipe={
+            "source_checkpoint": str(cfg.checkpoint),
+            "calibration": {
+                "folder": str(cfg.calibration.images),
+                "images": names,
+                "skipped": dict(skipped),
+                "points_per_side": cfg.calibration.points_per_side,
+            },
+        },
     )
-    recipe = {
-        "weight_bits": weight_bits,
-        "act_bits": act_bits,
-        "method": cfg.method,
-        "granularity": {
-            "conv": "per output channel",
-            "conv_transpose": "per output channel",
-            "linear": "per layer",
-            "activations": "per layer",
-        },
-        "source_checkpoint": str(cfg.checkpoint),
-        "calibration": {
-            "folder": str(cfg.calibration.images),
-            "images": names,
-            "skipped": dict(skipped),
-            "points_per_side": cfg.calibration.points_per_side,
-        },
-        "search": {"rounds": cfg.search.rounds, "candidates": cfg.search.candidates, "layers": search},
-    }
-    recipe["onnx"] = export_onnx(model.cpu(), layers, cfg.out, [model_input(model, im) for im in images])
-    out = save_quantized(model, layers, cfg.out, recipe)
     n = sum(layer.enabled for layer in layers.values())
     print(
         f"W{weight_bits}A{act_bits} ({cfg.method}): {n} of {len(layers)} layers quantized, calibrated on "
-        f"{len(images)} images -> {out}"
+        f"{len(images)} images -> {cfg.out}"
     )
+    search = recipe["search"]["layers"]
     if search:
         before = sum(r["minmax"] for r in search.values())
         after = sum(r["searched"] for r in search.values())

@@ -84,9 +84,8 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
 @torch.no_grad()
 def minmax_layer(layer: QuantLayer, samples: LayerSamples) -> None:
     """The baseline: scales from the largest absolute weight (per group) and input seen in calibration."""
-    axis = weight_axis(layer.layer)
-    layer.weight_scale.copy_(absmax_scale(layer.layer.weight, layer.weight_bits, () if axis is None else (axis,)))
-    layer.act_scale.copy_(samples.inputs.abs().amax().clamp_min(1e-8) / (2 ** (layer.act_bits - 1) - 1))
+    layer.weight_scale.copy_(layer.minmax_weight_scale())
+    layer.act_scale.copy_(absmax_scale(samples.inputs, layer.act_bits).reshape(()))
 
 
 @dataclass
@@ -105,18 +104,14 @@ def matmul_distance(mm: QuantMatMul, samples: MatMulSamples, a_scale: Tensor, b_
     return error.transpose(0, 1).reshape(error.shape[1], -1).mean(1)
 
 
-def _head_peak(x: Tensor) -> Tensor:
-    return x.abs().amax(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
-
-
 @torch.no_grad()
 def minmax_matmul(mm: QuantMatMul, samples: MatMulSamples) -> None:
     """Per-head scales from the largest values; a post-softmax operand keeps one range ([0, 1], b-1 bits)."""
-    mm.b_scale.copy_(_head_peak(samples.b) / qmax(mm.bits))
+    mm.b_scale.copy_(absmax_scale(samples.b, mm.bits, (1,)))
     if mm.softmax_input:
         mm.a_small.copy_(mm.a_scale)
     else:
-        mm.a_scale.copy_(_head_peak(samples.a) / qmax(mm.bits))
+        mm.a_scale.copy_(absmax_scale(samples.a, mm.bits, (1,)))
 
 
 @torch.no_grad()
