@@ -141,6 +141,76 @@ def test_calibrated_w8a8_toy_student_stays_close_and_reloads(toy_images, tmp_pat
         load_model("tinyvit_5m", tmp_path / "q")
 
 
+@pytest.mark.parametrize("bits", [8, 6])
+def test_integer_linear_node_is_the_fake_quant_layer(bits):
+    """QuantizeLinear + MatMulIntegerToFloat with our scales computes exactly the fake-quant linear layer."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tinysam.quant.export import ONNXRUNTIME_DOMAIN, _integer_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    quant = QuantLayer(linear, bits, bits)
+    quant.act_scale, quant.enabled = torch.tensor(0.02), True
+    x = 3 * torch.randn(2, 100, 64)  # beyond the clipping range of 6 bits
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")
+    add = helper.make_node("Add", ["y", "bias"], ["out"], name="/fc/Add")
+    nodes, inits = _integer_linear(matmul, quant, add)
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [*inits, numpy_helper.from_array(linear.bias.detach().numpy(), "bias")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ONNXRUNTIME_DOMAIN, 1)]
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString())
+    out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    with torch.no_grad():
+        assert (out - quant(x)).abs().max() < 1e-5
+        assert (out - linear(x)).abs().max() > 0.01
+
+
+def test_integer_onnx_encoder_is_the_fake_quant_linear_layers(toy_images, tmp_path):
+    """The ONNX encoder runs every linear layer of the encoder as an integer GEMM; its embedding is the
+    fake-quant model's with exactly those layers enabled, up to the model's own sensitivity to 1e-6 noise
+    (a rounding tie flips a level, and the flip propagates)."""
+    import onnx
+    import onnxruntime as ort
+
+    from tinysam.data.transforms import model_input
+    from tinysam.quant.export import export_onnx, integer_linear_layers
+    from tinysam.quant.fake_quant import set_enabled
+
+    model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    layers = wrap_model(model)
+    samples = collect(model, layers, toy_images[:1], points_per_side=2)
+    calibrate(layers, samples, "minmax")
+    set_enabled(layers, True)
+    export_onnx(model, layers, tmp_path)
+    graph = onnx.load(str(tmp_path / "encoder.onnx")).graph
+    integer = {
+        n: q for n, q in integer_linear_layers(layers).items() if n.startswith("image_encoder.") and n in samples
+    }
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == len(integer) > 10
+
+    x = model_input(model, toy_images[1])[None]
+    session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    onnx_embedding = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    set_enabled(layers, False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        float_embedding = model.image_encoder(x)
+        for layer in integer.values():
+            layer.enabled = True
+        fake_embedding = model.image_encoder(x)
+        noisy_embedding = model.image_encoder(x * (1 + 1e-6 * torch.randn_like(x)))
+    noise = (noisy_embedding - fake_embedding).abs().mean()
+    assert (onnx_embedding - fake_embedding).abs().mean() < 1.5 * noise
+    assert (onnx_embedding - float_embedding).abs().mean() > 1.5 * noise
+
+
 def test_quantize_script_and_its_errors(tmp_path):
     from helpers import run_script
 
@@ -169,7 +239,8 @@ def test_quantize_script_and_its_errors(tmp_path):
         float(onnx.numpy_helper.to_array(i)) for i in graph.initializer if i.name.endswith("_scale") and not i.dims
     }
     assert any(abs(s - float(layer.act_scale)) < 1e-9 for s in scales), "our activation scale is in the graph"
-    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("MatMulIntegerToFloat") >= 16
     from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 
     images = [generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused")).image for i in range(2)]

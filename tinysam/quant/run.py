@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from segment_anything.modeling import Sam
 
 from tinysam.data.toyworld import generate
-from tinysam.data.transforms import ImageError, list_images, load_image, model_input
+from tinysam.data.transforms import ImageError, list_images, load_image
 from tinysam.eval.data import progress, resolve_device
 from tinysam.models.build import load_model
 from tinysam.quant.artifact import save_quantized
@@ -86,7 +86,7 @@ def quantize_model(
         granularity=GRANULARITY,
         search={"rounds": rounds, "candidates": candidates, "layers": search},
     )
-    recipe["onnx"] = export_onnx(model.cpu(), layers, out, [model_input(model, im) for im in images])
+    recipe["onnx"] = export_onnx(model.cpu(), layers, out)
     save_quantized(model, layers, out, recipe)
     return recipe, layers
 
