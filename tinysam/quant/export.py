@@ -13,7 +13,7 @@ scales that onnxruntime's integer matmuls cannot take.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +48,8 @@ def integer_linear_layers(layers: dict[str, QuantLayer]) -> dict[str, QuantLayer
     }
 
 
-def _bias_add(graph: onnx.GraphProto, output: str, features: int, initializers: dict) -> onnx.NodeProto | None:
+def _bias_add(consumers: list[onnx.NodeProto], output: str, features: int, initializers: dict) -> onnx.NodeProto | None:
     """The ``Add`` of a constant bias of ``features`` values that alone consumes ``output``, if any."""
-    consumers = [n for n in graph.node if output in n.input]
     if len(consumers) != 1 or consumers[0].op_type != "Add":
         return None
     other = [i for i in consumers[0].input if i != output]
@@ -116,11 +115,15 @@ def _integer_linear(node: onnx.NodeProto, quant: QuantLayer, bias_add: onnx.Node
     return nodes, inits
 
 
-def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer], prefix: str) -> int:
-    """Rewrite the float ONNX model at ``float_path`` with integer linear layers; returns how many."""
+def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer], prefix: str) -> Counter:
+    """Rewrite the float ONNX model at ``float_path`` with integer linear layers; returns its node count per op type."""
     model = onnx.load(str(float_path))
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
     wanted = {n: q for n, q in integer_linear_layers(layers).items() if n.startswith(f"{prefix}.")}
     replaced: dict[str, tuple[list, list]] = {}
     dropped: set[str] = set()
@@ -135,7 +138,7 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer]
             raise ValueError(
                 f"{float_path}: node {node.name} has weight {initializers[node.input[1]].dims}, not {[in_features, out_features]}"
             )
-        bias_add = _bias_add(graph, node.output[0], out_features, initializers)
+        bias_add = _bias_add(consumers[node.output[0]], node.output[0], out_features, initializers)
         if bias_add is not None:
             dropped.add(bias_add.name)
         replaced[node.name] = _integer_linear(node, quant, bias_add)
@@ -161,15 +164,7 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer]
     graph.initializer.extend(kept)
     model.opset_import.append(helper.make_opsetid(ONNXRUNTIME_DOMAIN, 1))
     onnx.save(model, str(out_path))
-    return len(replaced)
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    """How many nodes of each type the ONNX model at ``path`` holds."""
-    counts: dict[str, int] = defaultdict(int)
-    for node in onnx.load(str(path)).graph.node:
-        counts[node.op_type] += 1
-    return dict(counts)
+    return Counter(node.op_type for node in graph.node)
 
 
 def export_onnx(model: Sam, layers: dict[str, QuantLayer], out: str | Path) -> dict[str, str]:
@@ -192,12 +187,11 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer], out: str | Path) -> d
             layer.enabled = enabled[n]
     try:
         with torch.no_grad():
-            count = integer_onnx(float_path, out / ENCODER, layers, "image_encoder")
+            ops = integer_onnx(float_path, out / ENCODER, layers, "image_encoder")
     finally:
         float_path.unlink()
-    ops = op_counts(out / ENCODER)
     return {
-        "encoder": f"{ENCODER}: {count} linear layers as QuantizeLinear + MatMulIntegerToFloat (int8); "
+        "encoder": f"{ENCODER}: {ops['MatMulIntegerToFloat']} linear layers as QuantizeLinear + MatMulIntegerToFloat (int8); "
         f"{ops.get('Conv', 0)} convolutions and {ops.get('MatMul', 0)} attention matmuls in float",
         "decoder": f"{DECODER} (float)",
     }
