@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tinysam.data.toyworld import KINDS, ToyWorldConfig, generate, generate_image, image_rng, parse_config
+from tinysam.data.toyworld import KINDS, STUFF, ToyWorldConfig, generate, generate_image, image_rng, parse_config
 
 SA1B_ANNOTATION_FIELDS = {
     "id": int,
@@ -150,3 +150,30 @@ def test_command_line(tmp_path):
     assert len(list((out / "train").glob("*.jpg"))) == 2 and (out / "val" / "instances.json").is_file()
     with pytest.raises(SystemExit, match="valid keys"):
         parse_config(["n_trian=3"])
+
+
+def test_stuff_regions_annotate_the_whole_background(tmp_path):
+    world = generate(ToyWorldConfig(out=str(tmp_path / "w"), n_train=1, n_val=6, seed=2, stuff_regions=4))
+    coco = COCO(str(world / "val" / "instances.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [*KINDS, STUFF]
+    stuff_id = len(KINDS) + 1
+    regions_per_image = []
+    for image_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        stack = np.stack([coco.annToMask(a) for a in anns])
+        assert stack.sum(0).min() == stack.sum(0).max() == 1, "objects and stuff tile the image exactly"
+        regions_per_image.append(sum(a["category_id"] == stuff_id for a in anns))
+    assert min(regions_per_image) >= 1 and max(regions_per_image) > 1 and max(regions_per_image) <= 4
+    # each region has its own texture, so the border between two regions is an edge in the image
+    toy = next(
+        toy
+        for toy in (generate_image(image_rng(2, "val", i), ToyWorldConfig(stuff_regions=4)) for i in range(6))
+        if sum(inst.kind == STUFF for inst in toy.instances) > 1
+    )
+    label = np.zeros(toy.image.shape[:2], dtype=int)
+    for k, inst in enumerate(toy.instances):
+        label[inst.mask] = k + 1 if inst.kind == STUFF else -1
+    left, right = label[:, :-1], label[:, 1:]
+    step = np.abs(toy.image[:, 1:].astype(np.float32) - toy.image[:, :-1]).sum(-1)
+    both_stuff = (left > 0) & (right > 0)
+    assert step[both_stuff & (left != right)].mean() > 3 * step[both_stuff & (left == right)].mean()

@@ -2,7 +2,9 @@
 
 Each image has a textured background and 3-12 objects (ellipses, polygons,
 rectangles, rings with holes, thin bars) painted back to front, so later objects
-occlude earlier ones. Colours are painted from the final label map, so every mask
+occlude earlier ones. With ``stuff_regions=K`` the background is instead split into
+1..K differently textured regions with wavy borders, each annotated as a "stuff"
+instance, as SA-1B annotates the background of a photo. Colours are painted from the final label map, so every mask
 is exactly the set of pixels its object shows. A split folder holds
 ``sa_<id>.jpg`` + ``sa_<id>.json`` (the released SA-1B schema), a COCO
 ``instances.json`` and a ``detections.json`` of jittered ground-truth boxes with
@@ -30,6 +32,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 KINDS = ("ellipse", "polygon", "rectangle", "ring", "bar")
+STUFF = "stuff"  # the kind (and COCO category) of an annotated background region
 SPLITS = ("train", "val")
 VAL_ID_OFFSET = 10_000_000  # image ids of the val split start here, so splits never collide
 MANIFEST = "toyworld.json"
@@ -52,6 +55,7 @@ class ToyWorldConfig:
     det_miss_rate: float = 0.1
     det_jitter: float = 0.05  # std of box-edge jitter, as a fraction of the box side
     det_false_positives: float = 1.0  # mean scored false positives per image
+    stuff_regions: int = 0  # > 0: split the background into 1..this many annotated regions
 
 
 @dataclass
@@ -84,6 +88,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     tint = rng.uniform(-1, 1, size=3).astype(np.float32)
     img = base + 60 * texture[..., None] * tint + rng.uniform(5, 20) * stripes[..., None]
     return img + rng.normal(0, 4, size=(size, size, 3)).astype(np.float32)
+
+
+def _stuff_labels(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """Region index per pixel: Voronoi cells of ``n`` random seeds, borders made wavy by a smooth warp."""
+    seeds = rng.uniform(0, size, size=(n, 2)).astype(np.float32)
+    amplitude = size * rng.uniform(0.03, 0.1)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    xx += amplitude * (2 * _smooth_noise(rng, size, 5) - 1)
+    yy += amplitude * (2 * _smooth_noise(rng, size, 5) - 1)
+    dist = (xx[None] - seeds[:, 0, None, None]) ** 2 + (yy[None] - seeds[:, 1, None, None]) ** 2
+    return dist.argmin(0)
 
 
 def _object_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
@@ -129,6 +144,13 @@ def _draw_shape(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
+def _point_in(rng: np.random.Generator, mask: np.ndarray) -> tuple[float, float]:
+    """XY centre of a random pixel of ``mask``."""
+    ys, xs = np.nonzero(mask)
+    pick = int(rng.integers(len(xs)))
+    return float(xs[pick]) + 0.5, float(ys[pick]) + 0.5
+
+
 def generate_image(rng: np.random.Generator, cfg: ToyWorldConfig) -> ToyImage:
     """One image and its instances; everything drawn comes from ``rng``."""
     size = cfg.image_size
@@ -140,6 +162,11 @@ def generate_image(rng: np.random.Generator, cfg: ToyWorldConfig) -> ToyImage:
         labels[_draw_shape(rng, kinds[-1], size)] = i + 1  # painter's order: later objects occlude
 
     canvas = _background(rng, size)
+    regions = None
+    if cfg.stuff_regions > 0:
+        regions = _stuff_labels(rng, size, int(rng.integers(1, cfg.stuff_regions + 1)))
+        for r in range(1, int(regions.max()) + 1):
+            canvas[regions == r] = _background(rng, size)[regions == r]
     bg_mean = canvas.reshape(-1, 3).mean(0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     instances = []
@@ -152,9 +179,15 @@ def generate_image(rng: np.random.Generator, cfg: ToyWorldConfig) -> ToyImage:
             continue  # too small after occlusion: whatever it showed stays background
         gradient = shade[0] * (xx - 0.5) + shade[1] * (yy - 0.5)
         canvas[mask] = colour + gradient[mask][:, None] + rng.normal(0, 3, size=(int(mask.sum()), 3))
-        ys, xs = np.nonzero(mask)
-        pick = int(rng.integers(len(xs)))
-        instances.append(ToyInstance(mask=mask, kind=kind, point=(float(xs[pick]) + 0.5, float(ys[pick]) + 0.5)))
+        instances.append(ToyInstance(mask=mask, kind=kind, point=_point_in(rng, mask)))
+    if regions is not None:
+        covered = np.zeros((size, size), dtype=bool)
+        for inst in instances:
+            covered |= inst.mask
+        for r in range(int(regions.max()) + 1):
+            mask = (regions == r) & ~covered
+            if mask.sum() >= min_area:
+                instances.append(ToyInstance(mask=mask, kind=STUFF, point=_point_in(rng, mask)))
     return ToyImage(image=np.clip(np.round(canvas), 0, 255).astype(np.uint8), instances=instances)
 
 
@@ -198,6 +231,7 @@ def _sa1b_record(image_id_: int, file_name: str, toy: ToyImage) -> dict:
 
 def _detections(rng: np.random.Generator, record: dict, kinds: list[str], cfg: ToyWorldConfig) -> list[dict]:
     """Jittered true boxes (some missed) plus scored false positives, in the COCO results format."""
+    categories = category_names(cfg)
     h, w = record["image"]["height"], record["image"]["width"]
     dets = []
     for ann, kind in zip(record["annotations"], kinds):
@@ -205,7 +239,7 @@ def _detections(rng: np.random.Generator, record: dict, kinds: list[str], cfg: T
             continue
         x, y, bw, bh = ann["bbox"]
         x0, y0, x1, y1 = np.array([x, y, x + bw, y + bh]) + rng.normal(0, cfg.det_jitter, 4) * [bw, bh, bw, bh]
-        dets.append((KINDS.index(kind) + 1, [x0, y0, x1, y1], rng.uniform(0.5, 1.0)))
+        dets.append((categories.index(kind) + 1, [x0, y0, x1, y1], rng.uniform(0.5, 1.0)))
     for _ in range(int(rng.poisson(cfg.det_false_positives))):
         bw, bh = rng.uniform(0.05, 0.4, 2) * [w, h]
         x0, y0 = rng.uniform(0, 1, 2) * [w - bw, h - bh]
@@ -228,6 +262,11 @@ def _detections(rng: np.random.Generator, record: dict, kinds: list[str], cfg: T
     return results
 
 
+def category_names(cfg: ToyWorldConfig) -> tuple[str, ...]:
+    """COCO category names in id order: the shape kinds, then "stuff" when backgrounds are annotated."""
+    return KINDS + ((STUFF,) if cfg.stuff_regions > 0 else ())
+
+
 def _write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, sort_keys=True, separators=(",", ":")))
 
@@ -236,6 +275,7 @@ def write_split(folder: Path, split: str, count: int, cfg: ToyWorldConfig) -> No
     """Write one split: SA-1B files, ``instances.json`` and ``detections.json``."""
     folder.mkdir(parents=True, exist_ok=True)
     coco_images, coco_annotations, detections = [], [], []
+    names = category_names(cfg)
     for index in range(count):
         rng = image_rng(cfg.seed, split, index)
         toy = generate_image(rng, cfg)
@@ -251,7 +291,7 @@ def write_split(folder: Path, split: str, count: int, cfg: ToyWorldConfig) -> No
                 {
                     "id": ann["id"],
                     "image_id": iid,
-                    "category_id": KINDS.index(kind) + 1,
+                    "category_id": names.index(kind) + 1,
                     "segmentation": ann["segmentation"],
                     "area": ann["area"],
                     "bbox": ann["bbox"],
@@ -259,7 +299,7 @@ def write_split(folder: Path, split: str, count: int, cfg: ToyWorldConfig) -> No
                 }
             )
         detections.extend(_detections(rng, record, kinds, cfg))
-    categories = [{"id": i + 1, "name": kind, "supercategory": "shape"} for i, kind in enumerate(KINDS)]
+    categories = [{"id": i + 1, "name": kind, "supercategory": "shape"} for i, kind in enumerate(names)]
     _write_json(
         folder / "instances.json", {"images": coco_images, "annotations": coco_annotations, "categories": categories}
     )
@@ -317,8 +357,8 @@ def parse_config(argv: list[str]) -> ToyWorldConfig:
             f"toyworld: {err.__class__.__name__}: {str(err).splitlines()[0]}; valid keys: {', '.join(base)}"
         )
     cfg = OmegaConf.to_object(merged)
-    if cfg.image_size < 32 or cfg.min_objects < 1 or cfg.max_objects < cfg.min_objects:
-        raise SystemExit("toyworld: need image_size >= 32 and 1 <= min_objects <= max_objects")
+    if cfg.image_size < 32 or cfg.min_objects < 1 or cfg.max_objects < cfg.min_objects or cfg.stuff_regions < 0:
+        raise SystemExit("toyworld: need image_size >= 32, 1 <= min_objects <= max_objects and stuff_regions >= 0")
     return cfg
 
 
