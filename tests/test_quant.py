@@ -172,28 +172,82 @@ def test_integer_linear_node_is_the_fake_quant_layer(bits):
         assert (out - linear(x)).abs().max() > 0.01
 
 
-def test_integer_onnx_encoder_is_the_fake_quant_linear_layers(toy_images, tmp_path):
-    """The ONNX encoder runs every linear layer of the encoder as an integer GEMM; its embedding is the
-    fake-quant model's with exactly those layers enabled, up to the model's own sensitivity to 1e-6 noise
-    (a rounding tie flips a level, and the flip propagates)."""
+@pytest.mark.parametrize("bits", [8, 6])
+def test_integer_conv_node_is_the_fake_quant_requantized_conv(bits):
+    """QuantizeLinear + QLinearConv + DequantizeLinear with our scales computes the fake-quant convolution
+    with a quantized output; only the int32 bias rounding may move an output by one level."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tinysam.quant.export import _integer_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+    quant = QuantLayer(conv, bits, bits, requantize=True)
+    quant.act_scale, quant.out_scale, quant.enabled = torch.tensor(0.03), torch.tensor(0.02), True
+    x = 2 * torch.randn(1, 16, 20, 20)  # beyond the clipping range of 6 bits
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], name="/conv/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]
+    )
+    initializers = {"b": numpy_helper.from_array(conv.bias.detach().numpy(), "b")}
+    nodes, inits = _integer_conv(node, quant, initializers)
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = torch.from_numpy(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0])
+    with torch.no_grad():
+        expected = quant(x)
+        assert out.shape == expected.shape
+        moved = (out - expected).abs() > 1e-5
+        assert moved.float().mean() < 0.01 and (out - expected).abs().max() <= 0.02 * 1.001
+        assert (out - conv(x)).abs().max() > 0.01
+        assert out.abs().max() <= (qmax(bits) + 1) * 0.02 + 1e-6, "the output stays on the b-bit grid"
+
+
+def test_requantized_output_scale_is_searched_and_wrapping_checks_its_patterns(toy_images):
+    model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    layers = wrap_model(model, requantize=["image_encoder.neck.*"])
+    requantized = sorted(n for n, q in layers.items() if isinstance(q, QuantLayer) and q.requantize)
+    assert requantized == ["image_encoder.neck.0", "image_encoder.neck.2"]
+    samples = collect(model, layers, toy_images[:1], points_per_side=2)
+    report = calibrate({n: layers[n] for n in requantized}, {n: samples[n] for n in requantized}, "hessian", 1, 20)
+    for name in requantized:
+        assert report[name]["searched"] < report[name]["minmax"]
+        peak = samples[name].outputs.abs().max() / qmax(8)
+        assert layers[name].out_scale != peak, "the output scale is searched, not min-max"
+    with pytest.raises(ValueError, match=r"no quantizable layer matches \['image_encoder.nek.\*'\]"):
+        wrap_model(load_model("tinyvit_toy"), requantize=["image_encoder.nek.*"])
+    with pytest.raises(ValueError, match="only Conv2d outputs"):
+        wrap_model(load_model("tinyvit_toy"), requantize=["image_encoder.layers.1.blocks.0.mlp.fc1"])
+
+
+def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_path):
+    """The ONNX encoder runs every linear layer of the encoder as an integer GEMM and the neck's
+    convolutions as QLinearConv; its embedding is the fake-quant model's with exactly those layers
+    enabled, up to the model's own sensitivity to 1e-6 noise (a rounding tie flips a level, and the
+    flip propagates)."""
     import onnx
     import onnxruntime as ort
 
     from tinysam.data.transforms import model_input
-    from tinysam.quant.export import export_onnx, integer_linear_layers
+    from tinysam.quant.export import export_onnx, integer_layers
     from tinysam.quant.fake_quant import set_enabled
 
     model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
-    layers = wrap_model(model)
+    layers = wrap_model(model, requantize=["image_encoder.neck.*"])
     samples = collect(model, layers, toy_images[:1], points_per_side=2)
     calibrate(layers, samples, "minmax")
     set_enabled(layers, True)
     export_onnx(model, layers, tmp_path)
     graph = onnx.load(str(tmp_path / "encoder.onnx")).graph
-    integer = {
-        n: q for n, q in integer_linear_layers(layers).items() if n.startswith("image_encoder.") and n in samples
-    }
-    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == len(integer) > 10
+    integer = {n: q for n, q in integer_layers(layers).items() if n.startswith("image_encoder.") and n in samples}
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QLinearConv") == 2 and ops.count("MatMulIntegerToFloat") == len(integer) - 2 > 10
 
     x = model_input(model, toy_images[1])[None]
     session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
@@ -240,7 +294,8 @@ def test_quantize_script_and_its_errors(tmp_path):
     }
     assert any(abs(s - float(layer.act_scale)) < 1e-9 for s in scales), "our activation scale is in the graph"
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") == ops.count("MatMulIntegerToFloat") >= 16
+    assert ops.count("QuantizeLinear") == ops.count("MatMulIntegerToFloat") + ops.count("QLinearConv")
+    assert ops.count("MatMulIntegerToFloat") >= 16 and ops.count("QLinearConv") == 2  # the neck's, by default
     from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 
     images = [generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused")).image for i in range(2)]

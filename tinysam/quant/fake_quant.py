@@ -5,10 +5,15 @@ model (image encoder, prompt encoder, mask decoder), after folding BatchNorms in
 convolutions, by a :class:`QuantLayer`: weights per output
 channel for convolutions and transposed convolutions, per layer for linear layers; the input
 activation per layer; every attention gets per-head quantized matmuls (:mod:`tinysam.quant.attention`).
-A disabled module computes in float (calibration passes).
+Convolutions named by ``requantize`` also quantize their output (per layer), as the integer ONNX
+model runs them: int8 in, int8 out (``QLinearConv``). A disabled module computes in float
+(calibration passes).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +35,17 @@ def weight_axis(layer: nn.Module) -> int | None:
 
 
 class QuantLayer(nn.Module):
-    """A Linear / Conv2d / ConvTranspose2d with fake-quantized weight and input."""
+    """A Linear / Conv2d / ConvTranspose2d with fake-quantized weight and input (and output, if ``requantize``)."""
 
-    def __init__(self, layer: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> None:
+    def __init__(self, layer: nn.Module, weight_bits: int = 8, act_bits: int = 8, requantize: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.weight_bits, self.act_bits = check_bits(weight_bits), check_bits(act_bits)
         self.register_buffer("weight_scale", self.minmax_weight_scale())
         self.register_buffer("act_scale", torch.ones(()))
+        self.requantize = requantize
+        if requantize:
+            self.register_buffer("out_scale", torch.ones(()))
         self.enabled = False
 
     def compute(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -62,7 +70,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.layer(x)
-        return self.compute(fake_quant(x, self.act_scale, self.act_bits), self.quantized_weight())
+        out = self.compute(fake_quant(x, self.act_scale, self.act_bits), self.quantized_weight())
+        return fake_quant(out, self.out_scale, self.act_bits) if self.requantize else out
 
 
 @torch.no_grad()
@@ -96,9 +105,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dict[str, QuantLayer | QuantMatMul]:
+def wrap_model(
+    model: nn.Module, weight_bits: int = 8, act_bits: int = 8, requantize: Sequence[str] = ()
+) -> dict[str, QuantLayer | QuantMatMul]:
     """Fold BatchNorms, replace every quantizable layer and give every attention quantized matmuls, in place.
 
+    ``requantize``: name patterns (fnmatch) of convolutions whose output is quantized too.
     Returns the quantized modules (layers and attention matmuls) by qualified name.
     """
     fold_batchnorm(model)
@@ -106,9 +118,20 @@ def wrap_model(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) -> dic
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, QUANTIZABLE):
-                quant = QuantLayer(child, weight_bits, act_bits)
+                full = f"{name}.{child_name}" if name else child_name
+                requant = any(fnmatchcase(full, pattern) for pattern in requantize)
+                if requant and type(child) is not nn.Conv2d:
+                    raise ValueError(
+                        f"requantize: {full} is a {type(child).__name__}; only Conv2d outputs are requantized"
+                    )
+                quant = QuantLayer(child, weight_bits, act_bits, requant)
                 setattr(module, child_name, quant)
-                wrapped[f"{name}.{child_name}" if name else child_name] = quant
+                wrapped[full] = quant
+    unmatched = [p for p in requantize if not any(fnmatchcase(n, p) for n in wrapped)]
+    if unmatched:
+        raise ValueError(
+            f"requantize: no quantizable layer matches {unmatched}; patterns match names like image_encoder.neck.0"
+        )
     return wrapped
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ GRANULARITY = {
     "conv_transpose": "per output channel",
     "linear": "per layer",
     "activations": "per layer",
+    "requantized_conv_outputs": "per layer",
     "attention_matmuls": "per head; post-softmax operand with twin scales",
 }
 
@@ -64,16 +66,18 @@ def quantize_model(
     rounds: int = 3,
     candidates: int = 100,
     points_per_side: int = 4,
+    requantize: Sequence[str] = (),
     recipe: dict[str, Any] | None = None,
     show_progress: bool = False,
 ) -> tuple[dict[str, Any], dict]:
     """Quantize ``model`` in place on calibration ``images`` and write the quantized directory ``out``.
 
-    Returns the recipe written (``recipe`` plus bits, method, granularity, search report and ONNX
-    files) and the quantized modules by name.
+    ``requantize``: name patterns of convolutions whose outputs are quantized too, so that the
+    ONNX model runs them int8 to int8. Returns the recipe written (``recipe`` plus bits, method,
+    granularity, search report and ONNX files) and the quantized modules by name.
     """
     track = progress if show_progress else (lambda items, _description: items)
-    layers = wrap_model(model, weight_bits, act_bits)
+    layers = wrap_model(model, weight_bits, act_bits, requantize)
     samples = collect(model, layers, track(images, "calibrating"), points_per_side=points_per_side)
     search = calibrate(
         layers, samples, method, rounds, candidates, progress=lambda names: track(names, f"scale search ({method})")
@@ -84,6 +88,7 @@ def quantize_model(
         act_bits=act_bits,
         method=method,
         granularity=GRANULARITY,
+        requantize=list(requantize),
         search={"rounds": rounds, "candidates": candidates, "layers": search},
     )
     recipe["onnx"] = export_onnx(model.cpu(), layers, out)
@@ -108,6 +113,7 @@ def run(cfg: DictConfig) -> dict:
         cfg.search.rounds,
         cfg.search.candidates,
         cfg.calibration.points_per_side,
+        list(cfg.requantize),
         show_progress=True,
         recipe={
             "source_checkpoint": str(cfg.checkpoint),

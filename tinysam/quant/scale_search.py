@@ -4,8 +4,9 @@ For each quantized layer O = A * W, the weight scales and the activation scale a
 turn (``rounds`` times), each over ``candidates`` values linearly spaced in
 [0.01, 1.2] x max|X| / 2^(b-1), keeping the one that minimises the Hessian-guided distance
 E[(dL/dO * (O - O_q))^2]. Weight scales are searched per output channel where the layer has
-one scale per channel (each channel's output depends on its own scale only). dL/dO comes once
-from the float model on the calibration set (:mod:`tinysam.quant.calibrate`).
+one scale per channel (each channel's output depends on its own scale only). A requantized layer's
+output scale is searched last, over the same kind of grid, on the quantized layer's output. dL/dO
+comes once from the float model on the calibration set (:mod:`tinysam.quant.calibrate`).
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ def output_channel_axis(layer: QuantLayer, samples: LayerSamples) -> int:
     return 1 if weight_axis(layer.layer) is not None else samples.outputs.dim() - 1
 
 
-def hessian_distance(layer: QuantLayer, samples: LayerSamples, weight_scale: Tensor, act_scale: Tensor) -> Tensor:
-    """E[(dL/dO * (O - O_q))^2] per weight-scale group (one value for a per-layer weight scale)."""
-    quantized = layer.compute(
+def quantized_output(layer: QuantLayer, samples: LayerSamples, weight_scale: Tensor, act_scale: Tensor) -> Tensor:
+    """The layer's output on the calibration inputs with quantized input and weight (output not requantized)."""
+    return layer.compute(
         fake_quant(samples.inputs, act_scale, layer.act_bits),
         fake_quant(layer.layer.weight, weight_scale, layer.weight_bits),
     )
+
+
+def hessian_distance(layer: QuantLayer, samples: LayerSamples, weight_scale: Tensor, act_scale: Tensor) -> Tensor:
+    """E[(dL/dO * (O - O_q))^2] per weight-scale group (one value for a per-layer weight scale)."""
+    quantized = quantized_output(layer, samples, weight_scale, act_scale)
     error = (samples.grads * (samples.outputs - quantized)).square()
     if weight_scale.numel() == 1:
         return error.mean().reshape(1)
@@ -60,6 +66,7 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
     Returns the layer's distance with the min-max scales and with the searched ones.
     """
     minmax_layer(layer, samples)
+    requantized_start = output_distance(layer, samples, layer.out_scale).item() if layer.requantize else None
     weight = layer.layer.weight
     shape = scale_shape(weight, weight_axis(layer.layer))
     weight_scale, act_scale = layer.weight_scale.clone(), layer.act_scale.clone()
@@ -78,7 +85,28 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
                 best, act_scale = d, scale
     layer.weight_scale.copy_(weight_scale)
     layer.act_scale.copy_(act_scale)
+    if layer.requantize:
+        return {"minmax": requantized_start, "searched": search_output_scale(layer, samples, candidates)}
     return {"minmax": start, "searched": best.sum().item()}
+
+
+def output_distance(layer: QuantLayer, samples: LayerSamples, out_scale: Tensor) -> Tensor:
+    """E[(dL/dO * (O - O_q))^2] of a requantized layer with its current input and weight scales."""
+    quantized = quantized_output(layer, samples, layer.weight_scale, layer.act_scale)
+    return (samples.grads * (samples.outputs - fake_quant(quantized, out_scale, layer.act_bits))).square().mean()
+
+
+@torch.no_grad()
+def search_output_scale(layer: QuantLayer, samples: LayerSamples, candidates: int = 100) -> float:
+    """Grid search of a requantized layer's output scale (input and weight scales already set); its distance."""
+    best = output_distance(layer, samples, layer.out_scale)
+    out_scale = layer.out_scale.clone()
+    for scale in candidate_scales(out_scale * qmax(layer.act_bits), layer.act_bits, candidates):
+        d = output_distance(layer, samples, scale)
+        if d < best:
+            best, out_scale = d, scale
+    layer.out_scale.copy_(out_scale)
+    return best.item()
 
 
 @torch.no_grad()
@@ -86,6 +114,8 @@ def minmax_layer(layer: QuantLayer, samples: LayerSamples) -> None:
     """The baseline: scales from the largest absolute weight (per group) and input seen in calibration."""
     layer.weight_scale.copy_(layer.minmax_weight_scale())
     layer.act_scale.copy_(absmax_scale(samples.inputs, layer.act_bits).reshape(()))
+    if layer.requantize:
+        layer.out_scale.copy_(absmax_scale(samples.outputs, layer.act_bits).reshape(()))
 
 
 @dataclass
