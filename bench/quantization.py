@@ -5,7 +5,11 @@ evaluated on the 16 validation images): box and 1-click mIoU against the float m
 ground truth. Speed and size at 1024 px (``tinyvit_5m``, the reference weights): encoder latency
 of eager PyTorch, our fastest float path (onnxruntime) and the INT8 onnxruntime encoder.
 
-    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 5]
+    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 11]
+
+The INT8 model is what ``python quantize.py`` writes: linear layers and the neck's convolutions
+in integer. The float and INT8 onnxruntime encoders run interleaved, so that machine drift
+affects both alike.
 """
 
 from __future__ import annotations
@@ -53,14 +57,17 @@ def accuracy(predictors: dict[str, Predictor], reference: Predictor, val: CocoLa
     return {n: {k: float(np.mean(v)) for k, v in s.items()} for n, s in scores.items()}
 
 
-def latency(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def latencies(fns: dict, runs: int) -> dict[str, float]:
+    """Median seconds per call of each function, the calls interleaved so that drift hits all alike."""
+    times = defaultdict(list)
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def mib(*paths: Path) -> float:
@@ -71,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=100)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=11)
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,10 +108,15 @@ def main() -> None:
         )
         x = model_input(big, photo)[None]
         with torch.inference_mode():
-            eager_s = latency(lambda: big.image_encoder(x), args.runs)
+            (eager_s,) = latencies({"eager": lambda: big.image_encoder(x)}, args.runs).values()
         float_sess, int8_sess = onnx_session(tmp / "float.onnx"), onnx_session(tmp / "big" / "encoder.onnx")
-        ort_s = latency(lambda: float_sess.run(None, {"image": x.numpy()}), args.runs)
-        int8_s = latency(lambda: int8_sess.run(None, {"image": x.numpy()}), args.runs)
+        ort_s, int8_s = latencies(
+            {
+                "float": lambda: float_sess.run(None, {"image": x.numpy()}),
+                "int8": lambda: int8_sess.run(None, {"image": x.numpy()}),
+            },
+            args.runs,
+        ).values()
         sizes = {
             "float": mib(ref) if ref.is_file() else float("nan"),
             "int8": mib(tmp / "big" / "model.safetensors"),

@@ -56,6 +56,9 @@ GRANULARITY = {
 }
 
 
+NECK = ("image_encoder.neck.*",)  # the default requantized convolutions: compute-bound, at 64x64
+
+
 def quantize_model(
     model: Sam,
     images: list[np.ndarray],
@@ -66,7 +69,7 @@ def quantize_model(
     rounds: int = 3,
     candidates: int = 100,
     points_per_side: int = 4,
-    requantize: Sequence[str] = (),
+    requantize: Sequence[str] = NECK,
     recipe: dict[str, Any] | None = None,
     show_progress: bool = False,
 ) -> tuple[dict[str, Any], dict]:
