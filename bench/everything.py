@@ -4,8 +4,12 @@ On the same toy-world images with the same model: time per image, prompts decode
 masks kept, and agreement (share of dense masks that hierarchical recovers at mask IoU >= 0.9,
 and the reverse).
 
-    python bench/everything.py [--model vit_toy] [--images 8] [--pred-iou-thresh 0.88] ...
+    python bench/everything.py [--model vit_toy] [--images 8] [--stuff-regions 0] [--pred-iou-thresh 0.88] ...
     (default model: the shipped toy teacher; --checkpoint for another one)
+
+``--stuff-regions K`` benches on a toy world whose backgrounds are split into annotated regions
+(every pixel in some mask, as in SA-1B), for a model trained on such worlds
+(``python train.py experiment=toy_teacher_stuff``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_toy")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped toy teacher for vit_toy")
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--stuff-regions", type=int, default=0, help="annotated background regions per image")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
     parser.add_argument("--stability-score-thresh", type=float, default=0.95)
@@ -67,7 +72,10 @@ def main() -> None:
     masks = {name: 0 for name in generators}
     found = {"dense in hierarchical": [0, 0], "hierarchical in dense": [0, 0]}
     with tempfile.TemporaryDirectory() as tmp:
-        val = generate(ToyWorldConfig(out=str(Path(tmp) / "toy"), n_train=1, n_val=args.images, seed=0)) / "val"
+        world = ToyWorldConfig(
+            out=str(Path(tmp) / "toy"), n_train=1, n_val=args.images, seed=0, stuff_regions=args.stuff_regions
+        )
+        val = generate(world) / "val"
         for path in sorted(val.glob("*.jpg")):
             rgb = load_image(path)
             out = {}
@@ -86,7 +94,8 @@ def main() -> None:
                 found[key][1] += total
     n = args.images
     print(
-        f"model {args.model} ({checkpoint or 'random weights'}), {n} toy images 256 px, "
+        f"model {args.model} ({checkpoint or 'random weights'}), {n} toy images 256 px "
+        f"(stuff_regions={args.stuff_regions}), "
         f"{torch.get_num_threads()} threads; {kwargs}"
     )
     print("| mode | s / image | prompts round 1 / image | prompts round 2 / image | masks / image |")
