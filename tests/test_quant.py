@@ -141,13 +141,31 @@ def test_calibrated_w8a8_toy_student_stays_close_and_reloads(toy_images, tmp_pat
         load_model("tinyvit_5m", tmp_path / "q")
 
 
+def run_onnx_nodes(nodes: list, initializers: list, x: torch.Tensor, output: str) -> torch.Tensor:
+    """Run a graph of ``nodes`` with input ``x`` (named "x") in onnxruntime; its ``output``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from tinysam.quant.export import ONNXRUNTIME_DOMAIN
+
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializers,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ONNXRUNTIME_DOMAIN, 1)]
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString())
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
 @pytest.mark.parametrize("bits", [8, 6])
 def test_integer_linear_node_is_the_fake_quant_layer(bits):
     """QuantizeLinear + MatMulIntegerToFloat with our scales computes exactly the fake-quant linear layer."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
-    from tinysam.quant.export import ONNXRUNTIME_DOMAIN, _integer_linear
+    from tinysam.quant.export import _integer_linear
 
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
@@ -157,16 +175,7 @@ def test_integer_linear_node_is_the_fake_quant_layer(bits):
     matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")
     add = helper.make_node("Add", ["y", "bias"], ["out"], name="/fc/Add")
     nodes, inits = _integer_linear(matmul, quant, add)
-    graph = helper.make_graph(
-        nodes,
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
-        [*inits, numpy_helper.from_array(linear.bias.detach().numpy(), "bias")],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ONNXRUNTIME_DOMAIN, 1)]
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString())
-    out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    out = run_onnx_nodes(nodes, [*inits, numpy_helper.from_array(linear.bias.detach().numpy(), "bias")], x, "out")
     with torch.no_grad():
         assert (out - quant(x)).abs().max() < 1e-5
         assert (out - linear(x)).abs().max() > 0.01
@@ -176,8 +185,7 @@ def test_integer_linear_node_is_the_fake_quant_layer(bits):
 def test_integer_conv_node_is_the_fake_quant_requantized_conv(bits):
     """QuantizeLinear + QLinearConv + DequantizeLinear with our scales computes the fake-quant convolution
     with a quantized output; only the int32 bias rounding may move an output by one level."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from tinysam.quant.export import _integer_conv
 
@@ -190,16 +198,7 @@ def test_integer_conv_node_is_the_fake_quant_requantized_conv(bits):
         "Conv", ["x", "w", "b"], ["y"], name="/conv/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]
     )
     initializers = {"b": numpy_helper.from_array(conv.bias.detach().numpy(), "b")}
-    nodes, inits = _integer_conv(node, quant, initializers)
-    graph = helper.make_graph(
-        nodes,
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    out = torch.from_numpy(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0])
+    out = run_onnx_nodes(*_integer_conv(node, quant, initializers), x, "y")
     with torch.no_grad():
         expected = quant(x)
         assert out.shape == expected.shape
