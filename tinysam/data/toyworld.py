@@ -4,8 +4,8 @@ Each image has a textured background and 3-12 objects (ellipses, polygons,
 rectangles, rings with holes, thin bars) painted back to front, so later objects
 occlude earlier ones. With ``stuff_regions=K`` the background is instead split into
 1..K differently textured regions with wavy borders, each annotated as a "stuff"
-instance, as SA-1B annotates the background of a photo. Colours are painted from the final label map, so every mask
-is exactly the set of pixels its object shows. A split folder holds
+instance, as SA-1B annotates the background of a photo. Colours are painted from the
+final label map, so every mask is exactly the set of pixels its object shows. A split folder holds
 ``sa_<id>.jpg`` + ``sa_<id>.json`` (the released SA-1B schema), a COCO
 ``instances.json`` and a ``detections.json`` of jittered ground-truth boxes with
 misses and scored false positives.
