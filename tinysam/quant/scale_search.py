@@ -66,7 +66,10 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
     Returns the layer's distance with the min-max scales and with the searched ones.
     """
     minmax_layer(layer, samples)
-    requantized_start = output_distance(layer, samples, layer.out_scale).item() if layer.requantize else None
+    requantized_start = None
+    if layer.requantize:
+        minmax_output = quantized_output(layer, samples, layer.weight_scale, layer.act_scale)
+        requantized_start = output_distance(layer.act_bits, samples, minmax_output, layer.out_scale).item()
     weight = layer.layer.weight
     shape = scale_shape(weight, weight_axis(layer.layer))
     weight_scale, act_scale = layer.weight_scale.clone(), layer.act_scale.clone()
@@ -90,19 +93,19 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
     return {"minmax": start, "searched": best.sum().item()}
 
 
-def output_distance(layer: QuantLayer, samples: LayerSamples, out_scale: Tensor) -> Tensor:
-    """E[(dL/dO * (O - O_q))^2] of a requantized layer with its current input and weight scales."""
-    quantized = quantized_output(layer, samples, layer.weight_scale, layer.act_scale)
-    return (samples.grads * (samples.outputs - fake_quant(quantized, out_scale, layer.act_bits))).square().mean()
+def output_distance(bits: int, samples: LayerSamples, quantized: Tensor, out_scale: Tensor) -> Tensor:
+    """E[(dL/dO * (O - O_q))^2] when the layer's ``quantized`` output is requantized with ``out_scale``."""
+    return (samples.grads * (samples.outputs - fake_quant(quantized, out_scale, bits))).square().mean()
 
 
 @torch.no_grad()
 def search_output_scale(layer: QuantLayer, samples: LayerSamples, candidates: int = 100) -> float:
     """Grid search of a requantized layer's output scale (input and weight scales already set); its distance."""
-    best = output_distance(layer, samples, layer.out_scale)
+    quantized = quantized_output(layer, samples, layer.weight_scale, layer.act_scale)  # once, for every candidate
+    best = output_distance(layer.act_bits, samples, quantized, layer.out_scale)
     out_scale = layer.out_scale.clone()
     for scale in candidate_scales(out_scale * qmax(layer.act_bits), layer.act_bits, candidates):
-        d = output_distance(layer, samples, scale)
+        d = output_distance(layer.act_bits, samples, quantized, scale)
         if d < best:
             best, out_scale = d, scale
     layer.out_scale.copy_(out_scale)
