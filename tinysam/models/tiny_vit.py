@@ -56,13 +56,13 @@ class MBConv(nn.Module):
         self.conv1 = conv_bn(dim, hidden)
         self.conv2 = conv_bn(hidden, hidden, 3, groups=hidden)
         self.conv3 = conv_bn(hidden, dim, bn_weight_init=0.0)
-        self.act = nn.GELU()
+        self.act1, self.act2, self.act3 = nn.GELU(), nn.GELU(), nn.GELU()  # one each: quantization may swap one
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.conv1(x))
-        y = self.act(self.conv2(y))
-        return self.act(x + self.drop_path(self.conv3(y)))
+        y = self.act1(self.conv1(x))
+        y = self.act2(self.conv2(y))
+        return self.act3(x + self.drop_path(self.conv3(y)))
 
 
 class PatchMerging(nn.Module):
@@ -73,11 +73,11 @@ class PatchMerging(nn.Module):
         self.conv1 = conv_bn(dim, out_dim)
         self.conv2 = conv_bn(out_dim, out_dim, 3, stride, groups=out_dim)
         self.conv3 = conv_bn(out_dim, out_dim)
-        self.act = nn.GELU()
+        self.act1, self.act2 = nn.GELU(), nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
+        x = self.act1(self.conv1(x))
+        x = self.act2(self.conv2(x))
         return self.conv3(x)
 
 

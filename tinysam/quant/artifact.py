@@ -63,7 +63,7 @@ def load_quantized(path: str | Path) -> tuple[Sam, dict[str, Any]]:
             f"{path / RECIPE}: unreadable or missing field ({err}); re-run python quantize.py"
         ) from None
     model = builder()
-    layers = wrap_model(model, bits_w, bits_a, info.get("requantize", ()))
+    layers = wrap_model(model, bits_w, bits_a, info.get("requantize", ()), info.get("integer_gelu", ()))
     state = load_file(path / WEIGHTS)
     for name in info["quantized_layers"]:
         if f"{name}.weight_q" in state:

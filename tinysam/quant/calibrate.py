@@ -22,12 +22,14 @@ from torch import Tensor
 from tinysam.data.transforms import model_input
 from tinysam.everything.base import grid_points
 from tinysam.quant.attention import QuantMatMul
-from tinysam.quant.fake_quant import QuantLayer, set_enabled, weight_axis
+from tinysam.quant.fake_quant import QuantGELU, QuantLayer, set_enabled, weight_axis
 from tinysam.quant.scale_search import (
     LayerSamples,
     MatMulSamples,
+    minmax_gelu,
     minmax_layer,
     minmax_matmul,
+    search_gelu,
     search_layer,
     search_matmul,
 )
@@ -51,26 +53,34 @@ def _rows(t: Tensor) -> Tensor:
 
 def collect(
     model: Sam,
-    layers: dict[str, QuantLayer | QuantMatMul],
+    layers: dict[str, QuantLayer | QuantMatMul | QuantGELU],
     images: Iterable[np.ndarray],
     points_per_side: int = 4,
     max_rows: int = 4096,
     max_matrices: int = 64,
+    max_values: int = 2**20,
     seed: int = 0,
 ) -> dict[str, LayerSamples | MatMulSamples]:
-    """Inputs, float outputs and dL/dO of every quantized module over ``images``.
+    """Inputs, float outputs and dL/dO of every quantized module over ``images``, in the order they run.
 
     Linear layers keep ``max_rows`` sampled rows, attention matmuls ``max_matrices`` sampled
-    (window or prompt) entries of their batch axis.
+    (window or prompt) entries of their batch axis, integer GELUs ``max_values`` sampled values.
+    A module whose input is the output of a module that quantizes its output (a requantized
+    convolution, an integer GELU) records that module as its ``source``.
     """
     set_enabled(layers, False)
     records: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
     grads: dict[str, list[tuple[int, Tensor]]] = defaultdict(list)
+    emitted: dict[str, Tensor] = {}  # the last output of each module that quantizes its output
+    sources: dict[str, str] = {}
     handles = []
 
     def hook(name: str) -> Callable:
         def record(module, inputs, output):
             call = len(records[name]["inputs"])
+            sources.update((name, source) for source, t in emitted.items() if t is inputs[0])
+            if isinstance(module, QuantGELU) or getattr(module, "requantize", False):
+                emitted[name] = output
             records[name]["inputs"].append(inputs[0].detach())
             if len(inputs) > 1:  # an attention matmul's right operand
                 records[name]["second"].append(inputs[1].detach())
@@ -96,10 +106,9 @@ def collect(
             h.remove()
     generator = torch.Generator().manual_seed(seed)
     samples = {}
-    for name, layer in layers.items():
-        rec = records[name]
-        if not rec["inputs"]:
-            continue  # a layer these prompts never reach (the mask-prompt convolutions): stays float
+    emitted.clear()
+    for name, rec in records.items():  # layers these prompts never reach (the mask-prompt convolutions) stay float
+        layer = layers[name]
         by_call = dict(grads[name])  # outputs the loss does not depend on (the IoU head) weigh errors evenly
         rec["grads"] = [by_call.get(i, torch.ones_like(out)) for i, out in enumerate(rec["outputs"])]
         if isinstance(layer, QuantMatMul):
@@ -111,7 +120,14 @@ def collect(
                 a, b, outputs, grads_ = a[keep], b[keep], outputs[keep], grads_[keep]
             samples[name] = MatMulSamples(a, b, outputs, grads_)
             continue
-        if weight_axis(layer.layer) is None:
+        if isinstance(layer, QuantGELU):  # elementwise: any sample of values
+            inputs, outputs, grads_ = (
+                torch.cat([t.flatten() for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"])
+            )
+            if len(inputs) > max_values:
+                keep = torch.randperm(len(inputs), generator=generator)[:max_values]
+                inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
+        elif weight_axis(layer.layer) is None:
             inputs, outputs, grads_ = (
                 torch.cat([_rows(t) for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"])
             )
@@ -120,28 +136,42 @@ def collect(
                 inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
         else:
             inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
-        samples[name] = LayerSamples(inputs, outputs, grads_)
+        samples[name] = LayerSamples(inputs, outputs, grads_, sources.get(name))
     return samples
 
 
 def calibrate(
-    layers: dict[str, QuantLayer | QuantMatMul],
+    layers: dict[str, QuantLayer | QuantMatMul | QuantGELU],
     samples: dict[str, LayerSamples | MatMulSamples],
     method: str = "hessian",
     rounds: int = 3,
     candidates: int = 100,
     progress: Callable[[Iterable], Iterable] = iter,
 ) -> dict[str, dict[str, float]]:
-    """Set the scales of every module seen in calibration; returns per-module distances (``hessian``)."""
+    """Set the scales of every module seen in calibration, in the order they run, and switch them on.
+
+    A module with a ``source`` keeps its source's output scale as its input scale. Returns
+    per-module distances (``hessian``).
+    """
     if method not in ("hessian", "minmax"):
         raise ValueError(f"unknown calibration method {method!r}; choose hessian or minmax")
     report = {}
     for name in progress(list(samples)):
-        matmul = isinstance(layers[name], QuantMatMul)
-        if method == "hessian":
-            search = search_matmul if matmul else search_layer
-            report[name] = search(layers[name], samples[name], rounds, candidates)
+        module, sample = layers[name], samples[name]
+        if isinstance(module, QuantMatMul):
+            if method == "hessian":
+                report[name] = search_matmul(module, sample, rounds, candidates)
+            else:
+                minmax_matmul(module, sample)
+            continue
+        grid = layers[sample.source].out_scale.clone() if sample.source else None
+        if isinstance(module, QuantGELU) and method == "hessian":
+            report[name] = search_gelu(module, sample, candidates, grid)
+        elif isinstance(module, QuantGELU):
+            minmax_gelu(module, sample, grid)
+        elif method == "hessian":
+            report[name] = search_layer(module, sample, rounds, candidates, grid)
         else:
-            (minmax_matmul if matmul else minmax_layer)(layers[name], samples[name])
+            minmax_layer(module, sample, grid)
     set_enabled({n: layers[n] for n in samples}, True)
     return report

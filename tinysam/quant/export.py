@@ -6,12 +6,15 @@ uint8 with zero point 128: the grid of our symmetric int8) followed by onnxrunti
 folded in, float output). That is exactly the fake-quant linear layer, run by an integer
 GEMM. A requantized convolution (``wrap_model(requantize=...)``) becomes ``QuantizeLinear`` +
 ``QLinearConv`` (per-channel int8 weights, int8 output on our output scale) +
-``DequantizeLinear``: exactly its fake-quant layer, which quantizes the output too.
-The other convolutions and the attention matmuls stay float in the ONNX model: on CPU,
-onnxruntime's int8 convolutions need a quantize and a dequantize pass around every
-convolution and lose the fused activations of its float convolutions, which made the
-high-resolution stages slower than float (``bench/quantization.py``); attention matmuls have
-per-head scales that onnxruntime's integer matmuls cannot take.
+``DequantizeLinear``: exactly its fake-quant layer, which quantizes the output too. An
+integer GELU (:class:`~tinysam.quant.fake_quant.QuantGELU`, between two requantized
+convolutions) becomes ``QLinearSigmoid`` + ``QLinearMul`` on uint8. Where a dequantize meets a
+quantize on the same grid, both go, so a conv -> GELU -> conv -> GELU -> conv chain (TinyViT's
+MBConv) runs in uint8 from end to end.
+The other convolutions and the attention matmuls stay float in the ONNX model: a float
+convolution between float neighbours would pay a quantize and a dequantize pass and lose the
+activation that onnxruntime fuses into its float convolutions; attention matmuls have per-head
+scales that onnxruntime's integer matmuls cannot take.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from onnx import helper, numpy_helper
 from segment_anything.modeling import Sam
 from torch import nn
 
-from tinysam.quant.fake_quant import QuantLayer
+from tinysam.quant.fake_quant import SIGMOID_ALPHA, SIGMOID_LEVELS, QuantGELU, QuantLayer
 from tinysam.quant.quantizers import qmax, quantize
 
 ONNXRUNTIME_DOMAIN = "com.microsoft"
@@ -71,32 +74,36 @@ def _in_graph(layer: nn.Module, initializers: dict) -> bool:
     )
 
 
+def _scalar(value: float, name: str, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(value, dtype), name)
+
+
+def _clip_to_grid(name: str, x: str, bits: int) -> tuple[list, list, str]:
+    """A Clip of uint8 ``x`` (zero point 128) to the b-bit grid [128 - 2^(b-1), 128 + 2^(b-1) - 1]."""
+    inits = [_scalar(128 - qmax(bits) - 1, f"{name}_min", np.uint8), _scalar(128 + qmax(bits), f"{name}_max", np.uint8)]
+    return [helper.make_node("Clip", [x, f"{name}_min", f"{name}_max"], [f"{name}_clipped"])], inits, f"{name}_clipped"
+
+
+def _on_grid(name: str, x: str, bits: int) -> tuple[list, list, str]:
+    """``x`` (uint8) itself at 8 bits; clipped to the b-bit grid below (integer kernels saturate at 8 bits only)."""
+    return ([], [], x) if bits == 8 else _clip_to_grid(name, x, bits)
+
+
 def _quantize_input(name: str, x: str, scale: float, bits: int) -> tuple[list, list, str]:
     """Nodes, initializers and output name quantizing ``x`` to uint8 (zero point 128) on the b-bit grid of ``scale``."""
-    inits = [
-        numpy_helper.from_array(np.array(scale, np.float32), f"{name}/input_scale"),
-        numpy_helper.from_array(np.array(128, np.uint8), f"{name}/input_zero_point"),
-    ]
-    nodes = []
-    if bits < 8:  # clip to the b-bit grid first; QuantizeLinear clips to 8 bits only
-        nodes, more, x = _clip_to_grid(f"{name}/input", x, scale, bits)
-        inits += more
-    nodes.append(
-        helper.make_node(
-            "QuantizeLinear", [x, f"{name}/input_scale", f"{name}/input_zero_point"], [f"{name}/input_uint8"]
-        )
+    inits = [_scalar(scale, f"{name}/input_scale"), _scalar(128, f"{name}/input_zero_point", np.uint8)]
+    quantize = helper.make_node(
+        "QuantizeLinear", [x, f"{name}/input_scale", f"{name}/input_zero_point"], [f"{name}/input_uint8"]
     )
-    return nodes, inits, f"{name}/input_uint8"
+    nodes, more, out = _on_grid(f"{name}/input", f"{name}/input_uint8", bits)
+    return [quantize, *nodes], inits + more, out
 
 
-def _clip_to_grid(name: str, x: str, scale: float, bits: int, out: str | None = None) -> tuple[list, list, str]:
-    """A Clip of ``x`` to [-2^(b-1), 2^(b-1) - 1] x ``scale``: the range of the b-bit grid."""
-    out = out or f"{name}_clipped"
-    inits = [
-        numpy_helper.from_array(np.array(-(qmax(bits) + 1) * scale, np.float32), f"{name}_min"),
-        numpy_helper.from_array(np.array(qmax(bits) * scale, np.float32), f"{name}_max"),
-    ]
-    return [helper.make_node("Clip", [x, f"{name}_min", f"{name}_max"], [out])], inits, out
+def _dequantize_output(name: str, x: str, out: str, bits: int) -> tuple[list, list]:
+    """Nodes dequantizing uint8 ``x`` (on ``<name>/output_scale``, zero point 128) into ``out``, b-bit grid first."""
+    nodes, inits, x = _on_grid(f"{name}/output", x, bits)
+    dequantize = helper.make_node("DequantizeLinear", [x, f"{name}/output_scale", f"{name}/output_zero_point"], [out])
+    return [*nodes, dequantize], inits
 
 
 def _int8_weight(quant: QuantLayer, name: str, transpose: bool) -> list:
@@ -153,8 +160,8 @@ def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -
     channels = quant.layer.weight.shape[0]
     inits += [
         numpy_helper.from_array(np.zeros(channels, np.int8), f"{name}/weight_zero_point"),
-        numpy_helper.from_array(np.array(out_scale, np.float32), f"{name}/output_scale"),
-        numpy_helper.from_array(np.array(128, np.uint8), f"{name}/output_zero_point"),
+        _scalar(out_scale, f"{name}/output_scale"),
+        _scalar(128, f"{name}/output_zero_point", np.uint8),
     ]
     bias = ""
     if len(node.input) > 2 and node.input[2]:
@@ -179,23 +186,122 @@ def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -
         name=name,
     )
     conv.attribute.extend(node.attribute)
-    nodes.append(conv)
-    dequantized = node.output[0] if bits == 8 else f"{name}/output_dequantized"
-    nodes.append(
+    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_uint8", node.output[0], bits)
+    return [*nodes, conv, *more_nodes], inits + more_inits
+
+
+def _integer_gelu(name: str, x: str, y: str, gelu: QuantGELU) -> tuple[list, list]:
+    """Nodes and initializers of :class:`QuantGELU` from float ``x`` to float ``y``.
+
+    QuantizeLinear (``in_scale``), ``QLinearSigmoid`` (a lookup table on uint8, of 1.702 x, onto
+    k / 255), ``QLinearMul`` (x times the sigmoid, onto ``out_scale``), DequantizeLinear.
+    """
+    in_scale, bits = float(gelu.in_scale), gelu.bits
+    nodes, inits, x_q = _quantize_input(name, x, in_scale, bits)
+    inits += [
+        _scalar(SIGMOID_ALPHA * in_scale, f"{name}/sigmoid_input_scale"),
+        _scalar(1 / SIGMOID_LEVELS, f"{name}/sigmoid_scale"),
+        _scalar(0, f"{name}/sigmoid_zero_point", np.uint8),
+        _scalar(float(gelu.out_scale), f"{name}/output_scale"),
+        _scalar(128, f"{name}/output_zero_point", np.uint8),
+    ]
+    sigmoid = [f"{name}/sigmoid_uint8", f"{name}/sigmoid_scale", f"{name}/sigmoid_zero_point"]
+    nodes += [
         helper.make_node(
-            "DequantizeLinear",
-            [f"{name}/output_uint8", f"{name}/output_scale", f"{name}/output_zero_point"],
-            [dequantized],
-        )
-    )
-    if bits < 8:  # the b-bit grid of the output: QLinearConv saturates at 8 bits only
-        clip, more, _ = _clip_to_grid(f"{name}/output", dequantized, out_scale, bits, out=node.output[0])
-        nodes += clip
-        inits += more
-    return nodes, inits
+            "QLinearSigmoid",
+            [x_q, f"{name}/sigmoid_input_scale", f"{name}/input_zero_point", *sigmoid[1:]],
+            sigmoid[:1],
+            domain=ONNXRUNTIME_DOMAIN,
+        ),
+        helper.make_node(
+            "QLinearMul",
+            [x_q, f"{name}/input_scale", f"{name}/input_zero_point", *sigmoid]
+            + [f"{name}/output_scale", f"{name}/output_zero_point"],
+            [f"{name}/output_uint8"],
+            name=name,
+            domain=ONNXRUNTIME_DOMAIN,
+        ),
+    ]
+    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_uint8", y, bits)
+    return nodes + more_nodes, inits + more_inits
 
 
-def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer], prefix: str) -> Counter:
+def _gelu_replacements(
+    graph: onnx.GraphProto, prefix: str, gelus: dict[str, QuantGELU], consumers: dict
+) -> tuple[dict[str, tuple[list, list]], set[str]]:
+    """Integer GELU nodes, keyed by the first node of each exported GELU, and the other nodes they replace."""
+    members: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        if (name := module_path(node.name, prefix)) in gelus:
+            members[name].append(node)
+    constants = {i.name for i in graph.initializer}
+    replaced, dropped = {}, set()
+    for name, nodes in members.items():
+        inside = {o for n in nodes for o in n.output}
+        x = {i for n in nodes for i in n.input if i not in inside and i not in constants}
+        y = {o for n in nodes for o in n.output if any(c not in nodes for c in consumers[o])}
+        if len(x) != 1 or len(y) != 1:
+            raise ValueError(f"integer_gelu: {name} is not one exported GELU (inputs {sorted(x)}, outputs {sorted(y)})")
+        replaced[nodes[0].name] = _integer_gelu(f"/{name}/integer_gelu", x.pop(), y.pop(), gelus[name])
+        dropped.update(n.name for n in nodes[1:])
+    missing = sorted(set(gelus) - set(members))
+    if missing:
+        raise ValueError(f"integer_gelu: no exported nodes for {missing}")
+    return replaced, dropped
+
+
+def _integer_adds(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Each Add of two dequantized tensors whose sum only a QuantizeLinear reads becomes one ``QLinearAdd``."""
+    producer = {o: node for node in nodes for o in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        for i in node.input:
+            readers[i].append(node)
+    fused, gone = {}, set()
+    for node in nodes:
+        sources = [producer.get(i) for i in node.input]
+        after = readers[node.output[0]] if node.op_type == "Add" else []
+        if (
+            len(after) == 1
+            and after[0].op_type == "QuantizeLinear"
+            and all(p is not None and p.op_type == "DequantizeLinear" for p in sources)
+        ):
+            (a, b), q = sources, after[0]
+            fused[node.name] = helper.make_node(
+                "QLinearAdd",
+                [*a.input, *b.input, *q.input[1:]],
+                list(q.output),
+                name=node.name,
+                domain=ONNXRUNTIME_DOMAIN,
+            )
+            gone.add(id(q))
+    return [fused.get(n.name, n) for n in nodes if id(n) not in gone]
+
+
+def _fold_requantization(nodes: list[onnx.NodeProto], initializers: dict, outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop each DequantizeLinear -> QuantizeLinear pair on one grid: the uint8 tensor flows on as it is."""
+    producer = {o: node for node in nodes for o in node.output}
+
+    def same(a: str, b: str) -> bool:
+        return np.array_equal(numpy_helper.to_array(initializers[a]), numpy_helper.to_array(initializers[b]))
+
+    alias = {}
+    for node in nodes:
+        source = producer.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if (
+            source is not None
+            and source.op_type == "DequantizeLinear"
+            and all(same(a, b) for a, b in zip(source.input[1:], node.input[1:], strict=True))
+        ):
+            alias[node.output[0]] = source.input[0]
+    kept = [n for n in nodes if not (n.op_type == "QuantizeLinear" and n.output[0] in alias)]
+    for node in kept:
+        node.input[:] = [alias.get(i, i) for i in node.input]
+    used = {i for n in kept for i in n.input} | outputs
+    return [n for n in kept if n.op_type != "DequantizeLinear" or n.output[0] in used]
+
+
+def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer | QuantGELU], prefix: str) -> Counter:
     """Rewrite the float ONNX model at ``float_path`` with integer layers; returns its node count per op type."""
     model = onnx.load(str(float_path))
     graph = model.graph
@@ -205,8 +311,8 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer]
         for name in node.input:
             consumers[name].append(node)
     wanted = {n: q for n, q in integer_layers(layers).items() if n.startswith(f"{prefix}.")}
-    replaced: dict[str, tuple[list, list]] = {}
-    dropped: set[str] = set()
+    gelus = {n: q for n, q in layers.items() if isinstance(q, QuantGELU) and q.enabled and n.startswith(f"{prefix}.")}
+    replaced, dropped = _gelu_replacements(graph, prefix, gelus, consumers)
     found: set[str] = set()
     for node in graph.node:
         name = module_path(node.name, prefix).removesuffix(".layer")  # QuantLayer wraps ``layer``
@@ -241,19 +347,19 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer]
             new_inits += replaced[node.name][1]
         else:
             nodes.append(node)
+    initializers.update((i.name, i) for i in new_inits)
+    nodes = _fold_requantization(_integer_adds(nodes), initializers, {o.name for o in graph.output})
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
     used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.initializer.extend(i for name, i in initializers.items() if name in used)
     model.opset_import.append(helper.make_opsetid(ONNXRUNTIME_DOMAIN, 1))
     onnx.save(model, str(out_path))
     return Counter(node.op_type for node in graph.node)
 
 
-def export_onnx(model: Sam, layers: dict[str, QuantLayer], out: str | Path) -> dict[str, str]:
+def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str | Path) -> dict[str, str]:
     """``encoder.onnx`` (integer layers with our scales) and ``decoder.onnx`` (float) of a calibrated model.
 
     The pair is what ``Predictor(model, backend="onnx", onnx_dir=out)`` runs.
@@ -277,8 +383,10 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer], out: str | Path) -> d
     finally:
         float_path.unlink()
     return {
-        "encoder": f"{ENCODER}: {ops['MatMulIntegerToFloat']} linear layers as QuantizeLinear + MatMulIntegerToFloat "
-        f"and {ops['QLinearConv']} convolutions as QuantizeLinear + QLinearConv + DequantizeLinear (int8); "
-        f"{ops.get('Conv', 0)} convolutions and {ops.get('MatMul', 0)} attention matmuls in float",
+        "encoder": f"{ENCODER}: {ops['MatMulIntegerToFloat']} linear layers as MatMulIntegerToFloat, "
+        f"{ops['QLinearConv']} convolutions as QLinearConv and {ops['QLinearSigmoid']} GELUs as QLinearSigmoid + "
+        f"QLinearMul (int8), with {ops['QuantizeLinear']} QuantizeLinear and {ops['DequantizeLinear']} "
+        f"DequantizeLinear where float and integer meet; {ops.get('Conv', 0)} convolutions and "
+        f"{ops.get('MatMul', 0)} attention matmuls in float",
         "decoder": f"{DECODER} (float)",
     }

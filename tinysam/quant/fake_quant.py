@@ -6,8 +6,9 @@ convolutions, by a :class:`QuantLayer`: weights per output
 channel for convolutions and transposed convolutions, per layer for linear layers; the input
 activation per layer; every attention gets per-head quantized matmuls (:mod:`tinysam.quant.attention`).
 Convolutions named by ``requantize`` also quantize their output (per layer), as the integer ONNX
-model runs them: int8 in, int8 out (``QLinearConv``). A disabled module computes in float
-(calibration passes).
+model runs them: int8 in, int8 out (``QLinearConv``). GELUs named by ``integer_gelu`` become
+:class:`QuantGELU`, a GELU on int8 values that the integer model runs without leaving uint8.
+A disabled module computes in float (calibration passes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from tinysam.quant.attention import QuantMatMul, quantize_attention
 from tinysam.quant.quantizers import absmax_scale, check_bits, fake_quant
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+SIGMOID_ALPHA = 1.702  # GELU(x) ~ x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016)
+SIGMOID_LEVELS = 255  # the sigmoid's uint8 grid: k / 255, k = 0..255
 
 
 def weight_axis(layer: nn.Module) -> int | None:
@@ -74,6 +77,33 @@ class QuantLayer(nn.Module):
         return fake_quant(out, self.out_scale, self.act_bits) if self.requantize else out
 
 
+class QuantGELU(nn.Module):
+    """A GELU on int8 values: q_out(x * q(sigmoid(1.702 x))) for x = q_in(input), the sigmoid on k / 255.
+
+    Input and output are on per-layer grids (``in_scale``, ``out_scale``). On int8 input the
+    sigmoid is a 256-entry lookup table, so the integer model runs this GELU as onnxruntime's
+    ``QLinearSigmoid`` + ``QLinearMul`` without leaving uint8; between requantized convolutions
+    on the same grids, a whole MBConv block runs in uint8. Disabled, it is the exact GELU.
+    """
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.register_buffer("in_scale", torch.ones(()))
+        self.register_buffer("out_scale", torch.ones(()))
+        self.enabled = False
+
+    @staticmethod
+    def compute(x: Tensor) -> Tensor:
+        """x * sigmoid(1.702 x) with the sigmoid rounded to k / 255 (x already quantized)."""
+        return x * torch.round(torch.sigmoid(SIGMOID_ALPHA * x) * SIGMOID_LEVELS) / SIGMOID_LEVELS
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return F.gelu(x)
+        return fake_quant(self.compute(fake_quant(x, self.in_scale, self.bits)), self.out_scale, self.bits)
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d into the Conv2d before it (TinyViT's ``c`` + ``bn`` pairs), in place.
@@ -105,37 +135,57 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
 def wrap_model(
-    model: nn.Module, weight_bits: int = 8, act_bits: int = 8, requantize: Sequence[str] = ()
-) -> dict[str, QuantLayer | QuantMatMul]:
+    model: nn.Module,
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    requantize: Sequence[str] = (),
+    integer_gelu: Sequence[str] = (),
+) -> dict[str, QuantLayer | QuantMatMul | QuantGELU]:
     """Fold BatchNorms, replace every quantizable layer and give every attention quantized matmuls, in place.
 
-    ``requantize``: name patterns (fnmatch) of convolutions whose output is quantized too.
-    Returns the quantized modules (layers and attention matmuls) by qualified name.
+    ``requantize``: name patterns (fnmatch) of convolutions whose output is quantized too;
+    ``integer_gelu``: name patterns of GELU modules to replace by :class:`QuantGELU`.
+    Returns the quantized modules (layers, attention matmuls, integer GELUs) by qualified name.
     """
     fold_batchnorm(model)
-    wrapped: dict[str, QuantLayer | QuantMatMul] = dict(quantize_attention(model, act_bits))
+    wrapped: dict[str, QuantLayer | QuantMatMul | QuantGELU] = dict(quantize_attention(model, act_bits))
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, QUANTIZABLE):
-                full = f"{name}.{child_name}" if name else child_name
-                requant = any(fnmatchcase(full, pattern) for pattern in requantize)
+                requant = _matches(full, requantize)
                 if requant and type(child) is not nn.Conv2d:
                     raise ValueError(
                         f"requantize: {full} is a {type(child).__name__}; only Conv2d outputs are requantized"
                     )
-                quant = QuantLayer(child, weight_bits, act_bits, requant)
-                setattr(module, child_name, quant)
-                wrapped[full] = quant
-    unmatched = [p for p in requantize if not any(fnmatchcase(n, p) for n in wrapped)]
-    if unmatched:
-        raise ValueError(
-            f"requantize: no quantizable layer matches {unmatched}; patterns match names like image_encoder.neck.0"
-        )
+                wrapped[full] = QuantLayer(child, weight_bits, act_bits, requant)
+            elif _matches(full, integer_gelu):
+                if type(child) is not nn.GELU or child.approximate != "none":
+                    raise ValueError(f"integer_gelu: {full} is {child!r}, not an exact nn.GELU")
+                wrapped[full] = QuantGELU(act_bits)
+            else:
+                continue
+            setattr(module, child_name, wrapped[full])
+    for key, patterns, kind, example in (
+        ("requantize", requantize, QuantLayer, "image_encoder.neck.0"),
+        ("integer_gelu", integer_gelu, QuantGELU, "image_encoder.layers.0.blocks.0.act1"),
+    ):
+        names = [n for n, m in wrapped.items() if isinstance(m, kind)]
+        unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"{key}: no {kind.__name__} matches {unmatched}; patterns match names like {example} "
+                f"(set {key}=[...] for this architecture)"
+            )
     return wrapped
 
 
-def set_enabled(layers: dict[str, QuantLayer | QuantMatMul], enabled: bool) -> None:
+def set_enabled(layers: dict[str, QuantLayer | QuantMatMul | QuantGELU], enabled: bool) -> None:
     """Switch fake quantization on (quantized model) or off (float model) for every layer."""
     for layer in layers.values():
         layer.enabled = enabled

@@ -52,11 +52,20 @@ GRANULARITY = {
     "linear": "per layer",
     "activations": "per layer",
     "requantized_conv_outputs": "per layer",
+    "integer_gelu": "x * sigmoid(1.702 x), the sigmoid on 255 levels; input and output on the neighbouring grids",
     "attention_matmuls": "per head; post-softmax operand with twin scales",
 }
 
 
-NECK = ("image_encoder.neck.*",)  # the default requantized convolutions: compute-bound, at 64x64
+# TinyViT's defaults: the patch embedding and the MBConv blocks of the high-resolution conv stage
+# run int8 from end to end (convolutions requantized, the GELUs between them integer); the neck's
+# compute-bound convolutions at 64x64 are requantized too.
+REQUANTIZE = (
+    "image_encoder.patch_embed.seq.[02].c",
+    "image_encoder.layers.0.*.conv[123].c",
+    "image_encoder.neck.*",
+)
+INTEGER_GELU = ("image_encoder.patch_embed.seq.1", "image_encoder.layers.0.*.act[123]")
 
 
 def quantize_model(
@@ -69,18 +78,20 @@ def quantize_model(
     rounds: int = 3,
     candidates: int = 100,
     points_per_side: int = 4,
-    requantize: Sequence[str] = NECK,
+    requantize: Sequence[str] = REQUANTIZE,
+    integer_gelu: Sequence[str] = INTEGER_GELU,
     recipe: dict[str, Any] | None = None,
     show_progress: bool = False,
 ) -> tuple[dict[str, Any], dict]:
     """Quantize ``model`` in place on calibration ``images`` and write the quantized directory ``out``.
 
     ``requantize``: name patterns of convolutions whose outputs are quantized too, so that the
-    ONNX model runs them int8 to int8. Returns the recipe written (``recipe`` plus bits, method,
+    ONNX model runs them int8 to int8; ``integer_gelu``: GELUs between two of them, run on int8
+    (:class:`~tinysam.quant.fake_quant.QuantGELU`). Returns the recipe written (``recipe`` plus bits, method,
     granularity, search report and ONNX files) and the quantized modules by name.
     """
     track = progress if show_progress else (lambda items, _description: items)
-    layers = wrap_model(model, weight_bits, act_bits, requantize)
+    layers = wrap_model(model, weight_bits, act_bits, requantize, integer_gelu)
     samples = collect(model, layers, track(images, "calibrating"), points_per_side=points_per_side)
     search = calibrate(
         layers, samples, method, rounds, candidates, progress=lambda names: track(names, f"scale search ({method})")
@@ -92,6 +103,7 @@ def quantize_model(
         method=method,
         granularity=GRANULARITY,
         requantize=list(requantize),
+        integer_gelu=list(integer_gelu),
         search={"rounds": rounds, "candidates": candidates, "layers": search},
     )
     recipe["onnx"] = export_onnx(model.cpu(), layers, out)
@@ -117,6 +129,7 @@ def run(cfg: DictConfig) -> dict:
         cfg.search.candidates,
         cfg.calibration.points_per_side,
         list(cfg.requantize),
+        list(cfg.integer_gelu),
         show_progress=True,
         recipe={
             "source_checkpoint": str(cfg.checkpoint),

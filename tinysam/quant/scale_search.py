@@ -5,8 +5,11 @@ turn (``rounds`` times), each over ``candidates`` values linearly spaced in
 [0.01, 1.2] x max|X| / 2^(b-1), keeping the one that minimises the Hessian-guided distance
 E[(dL/dO * (O - O_q))^2]. Weight scales are searched per output channel where the layer has
 one scale per channel (each channel's output depends on its own scale only). A requantized layer's
-output scale is searched last, over the same kind of grid, on the quantized layer's output. dL/dO
-comes once from the float model on the calibration set (:mod:`tinysam.quant.calibrate`).
+output scale is searched last, over the same kind of grid, on the quantized layer's output; an
+integer GELU's input scale, then its output scale, the same way. A module whose input is another
+module's quantized output keeps that grid as its input scale (``input_scale``), so that the
+integer model passes uint8 from one to the other. dL/dO comes once from the float model on the
+calibration set (:mod:`tinysam.quant.calibrate`).
 """
 
 from __future__ import annotations
@@ -17,17 +20,21 @@ import torch
 from torch import Tensor
 
 from tinysam.quant.attention import QuantMatMul
-from tinysam.quant.fake_quant import QuantLayer, weight_axis
+from tinysam.quant.fake_quant import QuantGELU, QuantLayer, weight_axis
 from tinysam.quant.quantizers import absmax_scale, fake_quant, qmax, scale_shape
 
 
 @dataclass
 class LayerSamples:
-    """What one layer saw on the calibration set: its inputs, float outputs and dL/dO at them."""
+    """What one layer saw on the calibration set: its inputs, float outputs and dL/dO at them.
+
+    ``source``: the quantized module whose quantized output is this layer's input, if any.
+    """
 
     inputs: Tensor
     outputs: Tensor
     grads: Tensor
+    source: str | None = None
 
 
 def candidate_scales(peak: Tensor, bits: int, n: int) -> Tensor:
@@ -60,12 +67,19 @@ def hessian_distance(layer: QuantLayer, samples: LayerSamples, weight_scale: Ten
 
 
 @torch.no_grad()
-def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, candidates: int = 100) -> dict[str, float]:
+def search_layer(
+    layer: QuantLayer,
+    samples: LayerSamples,
+    rounds: int = 3,
+    candidates: int = 100,
+    input_scale: Tensor | None = None,
+) -> dict[str, float]:
     """Set ``layer``'s scales by the alternating Hessian-guided grid search, starting from min-max.
 
+    ``input_scale`` fixes the activation scale (the grid its input already is on).
     Returns the layer's distance with the min-max scales and with the searched ones.
     """
-    minmax_layer(layer, samples)
+    minmax_layer(layer, samples, input_scale)
     requantized_start = None
     if layer.requantize:
         minmax_output = quantized_output(layer, samples, layer.weight_scale, layer.act_scale)
@@ -75,6 +89,8 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
     weight_scale, act_scale = layer.weight_scale.clone(), layer.act_scale.clone()
     w_grid = candidate_scales(weight_scale * qmax(layer.weight_bits), layer.weight_bits, candidates)
     a_grid = candidate_scales(act_scale * qmax(layer.act_bits), layer.act_bits, candidates)
+    if input_scale is not None:
+        a_grid = a_grid[:0]
     best = hessian_distance(layer, samples, weight_scale, act_scale)
     start = best.sum().item()
     for _ in range(rounds):
@@ -89,7 +105,8 @@ def search_layer(layer: QuantLayer, samples: LayerSamples, rounds: int = 3, cand
     layer.weight_scale.copy_(weight_scale)
     layer.act_scale.copy_(act_scale)
     if layer.requantize:
-        return {"minmax": requantized_start, "searched": search_output_scale(layer, samples, candidates)}
+        quantized = quantized_output(layer, samples, weight_scale, act_scale)
+        return {"minmax": requantized_start, "searched": search_output_scale(layer, samples, quantized, candidates)}
     return {"minmax": start, "searched": best.sum().item()}
 
 
@@ -99,26 +116,60 @@ def output_distance(bits: int, samples: LayerSamples, quantized: Tensor, out_sca
 
 
 @torch.no_grad()
-def search_output_scale(layer: QuantLayer, samples: LayerSamples, candidates: int = 100) -> float:
-    """Grid search of a requantized layer's output scale (input and weight scales already set); its distance."""
-    quantized = quantized_output(layer, samples, layer.weight_scale, layer.act_scale)  # once, for every candidate
-    best = output_distance(layer.act_bits, samples, quantized, layer.out_scale)
-    out_scale = layer.out_scale.clone()
-    for scale in candidate_scales(out_scale * qmax(layer.act_bits), layer.act_bits, candidates):
-        d = output_distance(layer.act_bits, samples, quantized, scale)
+def search_output_scale(
+    module: QuantLayer | QuantGELU, samples: LayerSamples, quantized: Tensor, candidates: int = 100
+) -> float:
+    """Grid search of ``module.out_scale`` for its ``quantized`` output (input side already set); its distance."""
+    bits = module.bits if isinstance(module, QuantGELU) else module.act_bits
+    best = output_distance(bits, samples, quantized, module.out_scale)
+    out_scale = module.out_scale.clone()
+    for scale in candidate_scales(out_scale * qmax(bits), bits, candidates):
+        d = output_distance(bits, samples, quantized, scale)
         if d < best:
             best, out_scale = d, scale
-    layer.out_scale.copy_(out_scale)
+    module.out_scale.copy_(out_scale)
     return best.item()
 
 
 @torch.no_grad()
-def minmax_layer(layer: QuantLayer, samples: LayerSamples) -> None:
+def minmax_layer(layer: QuantLayer, samples: LayerSamples, input_scale: Tensor | None = None) -> None:
     """The baseline: scales from the largest absolute weight (per group) and input seen in calibration."""
     layer.weight_scale.copy_(layer.minmax_weight_scale())
-    layer.act_scale.copy_(absmax_scale(samples.inputs, layer.act_bits).reshape(()))
+    act_scale = absmax_scale(samples.inputs, layer.act_bits) if input_scale is None else input_scale
+    layer.act_scale.copy_(act_scale.reshape(()))
     if layer.requantize:
         layer.out_scale.copy_(absmax_scale(samples.outputs, layer.act_bits).reshape(()))
+
+
+@torch.no_grad()
+def minmax_gelu(gelu: QuantGELU, samples: LayerSamples, input_scale: Tensor | None = None) -> None:
+    """Input and output scales of an integer GELU from the largest values seen (or the given input grid)."""
+    in_scale = absmax_scale(samples.inputs, gelu.bits) if input_scale is None else input_scale
+    gelu.in_scale.copy_(in_scale.reshape(()))
+    gelu.out_scale.copy_(absmax_scale(samples.outputs, gelu.bits).reshape(()))
+
+
+def gelu_output(gelu: QuantGELU, samples: LayerSamples, in_scale: Tensor) -> Tensor:
+    """The integer GELU's output on the calibration inputs quantized with ``in_scale`` (output not requantized)."""
+    return gelu.compute(fake_quant(samples.inputs, in_scale, gelu.bits))
+
+
+@torch.no_grad()
+def search_gelu(
+    gelu: QuantGELU, samples: LayerSamples, candidates: int = 100, input_scale: Tensor | None = None
+) -> dict[str, float]:
+    """Hessian-guided grid search of an integer GELU's input scale (unless given), then of its output scale."""
+    minmax_gelu(gelu, samples, input_scale)
+    start = output_distance(gelu.bits, samples, gelu_output(gelu, samples, gelu.in_scale), gelu.out_scale)
+    if input_scale is None:
+        best = (samples.grads * (samples.outputs - gelu_output(gelu, samples, gelu.in_scale))).square().mean()
+        for scale in candidate_scales(gelu.in_scale * qmax(gelu.bits), gelu.bits, candidates):
+            d = (samples.grads * (samples.outputs - gelu_output(gelu, samples, scale))).square().mean()
+            if d < best:
+                best = d
+                gelu.in_scale.copy_(scale)
+    quantized = gelu_output(gelu, samples, gelu.in_scale)
+    return {"minmax": start.item(), "searched": search_output_scale(gelu, samples, quantized, candidates)}
 
 
 @dataclass
