@@ -16,7 +16,7 @@ from tinysam.models.checkpoint import CheckpointError
 from tinysam.quant.artifact import load_quantized, save_quantized
 from tinysam.quant.attention import QuantMatMul
 from tinysam.quant.calibrate import calibrate, collect
-from tinysam.quant.fake_quant import QuantLayer, wrap_model
+from tinysam.quant.fake_quant import QuantGELU, QuantLayer, wrap_model
 from tinysam.quant.quantizers import TwinScale, absmax_scale, check_bits, fake_quant, qmax, quantize
 from tinysam.quant.scale_search import (
     LayerSamples,
@@ -208,6 +208,28 @@ def test_integer_conv_node_is_the_fake_quant_requantized_conv(bits):
         assert out.abs().max() <= (qmax(bits) + 1) * 0.02 + 1e-6, "the output stays on the b-bit grid"
 
 
+@pytest.mark.parametrize("bits", [8, 6])
+def test_integer_gelu_nodes_are_the_fake_quant_gelu(bits):
+    """QuantizeLinear + QLinearSigmoid + QLinearMul + DequantizeLinear with our scales compute QuantGELU:
+    the same output level everywhere but at rounding ties; and QuantGELU stays close to the exact GELU."""
+    import torch.nn.functional as F
+
+    from tinysam.quant.export import _integer_gelu
+
+    gelu = QuantGELU(bits)
+    gelu.in_scale, gelu.out_scale, gelu.enabled = torch.tensor(0.05), torch.tensor(0.04), True
+    x = torch.linspace(-8, 8, 4001).reshape(1, 1, 1, -1)  # beyond the input range at both bit widths
+    out = run_onnx_nodes(*_integer_gelu("/act", "x", "y", gelu), x, "y")
+    with torch.no_grad():
+        expected = gelu(x)
+        steps = ((out - expected).abs() / 0.04).round()
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+        assert out.abs().max() <= (qmax(bits) + 1) * 0.04 + 1e-6, "the output stays on the b-bit grid"
+        inside = x.abs() < qmax(bits) * 0.04  # where neither grid clips
+        error = (expected - F.gelu(x))[inside].abs().max()
+        assert 0.01 < error < 0.021 + 0.05 / 2 + 0.04 / 2, "x * sigmoid(1.702 x) within 0.021 of GELU, plus rounding"
+
+
 def test_requantized_output_scale_is_searched_and_wrapping_checks_its_patterns(toy_images):
     model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
     layers = wrap_model(model, requantize=["image_encoder.neck.*"])
@@ -223,30 +245,66 @@ def test_requantized_output_scale_is_searched_and_wrapping_checks_its_patterns(t
         wrap_model(load_model("tinyvit_toy"), requantize=["image_encoder.nek.*"])
     with pytest.raises(ValueError, match="only Conv2d outputs"):
         wrap_model(load_model("tinyvit_toy"), requantize=["image_encoder.layers.1.blocks.0.mlp.fc1"])
+    with pytest.raises(ValueError, match=r"integer_gelu: no GELU matches \['image_encoder.layers.0.\*.act9'\]"):
+        wrap_model(load_model("tinyvit_toy"), integer_gelu=["image_encoder.layers.0.*.act9"])
+    with pytest.raises(ValueError, match="integer_gelu: image_encoder.neck.1 is LayerNorm2d"):
+        wrap_model(load_model("tinyvit_toy"), integer_gelu=["image_encoder.neck.1"])
+
+
+def test_calibration_keeps_integer_chains_on_one_grid(toy_images):
+    """In the conv stage every module whose input is a quantized output keeps that grid as its input scale
+    (so the ONNX model passes uint8 along); the integer GELUs' own scales are searched."""
+    from tinysam.quant.run import INTEGER_GELU, REQUANTIZE
+
+    model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    layers = wrap_model(model, requantize=REQUANTIZE, integer_gelu=INTEGER_GELU)
+    samples = collect(model, layers, toy_images[:1], points_per_side=2)
+    sources = {n: s.source for n, s in samples.items() if isinstance(s, LayerSamples) and s.source}
+    stage = "image_encoder.layers.0"
+    assert sources[f"{stage}.blocks.0.act1"] == f"{stage}.blocks.0.conv1.c"
+    assert sources[f"{stage}.blocks.0.conv2.c"] == f"{stage}.blocks.0.act1"
+    assert sources[f"{stage}.blocks.0.conv1.c"] == "image_encoder.patch_embed.seq.2.c"
+    assert f"{stage}.blocks.0.act3" not in sources, "its input is the residual sum"
+    assert len(sources) == 12  # 2 in the patch embedding, 5 in the MBConv block, 5 in the patch merging
+    report = calibrate(layers, samples, "hessian", 1, 20)
+    for name, source in sources.items():
+        grid = layers[name].in_scale if isinstance(layers[name], QuantGELU) else layers[name].act_scale
+        assert grid == layers[source].out_scale, name
+    act3 = f"{stage}.blocks.0.act3"
+    assert report[act3]["searched"] < report[act3]["minmax"]
+    assert layers[act3].in_scale != samples[act3].inputs.abs().max() / qmax(8), "searched, not min-max"
 
 
 def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_path):
-    """The ONNX encoder runs every linear layer of the encoder as an integer GEMM and the neck's
-    convolutions as QLinearConv; its embedding is the fake-quant model's with exactly those layers
-    enabled, up to the model's own sensitivity to 1e-6 noise (a rounding tie flips a level, and the
-    flip propagates)."""
+    """The ONNX encoder runs every linear layer of the encoder as an integer GEMM, and the conv stage
+    (patch embedding, MBConv blocks with their residual adds, patch merging) and the neck's
+    convolutions in uint8; its embedding is the fake-quant model's with exactly those modules
+    enabled, up to the model's own sensitivity to flipping one input level in 0.1% of the pixels (a
+    rounding tie or the int32 bias flips a level, and the flip propagates)."""
     import onnx
     import onnxruntime as ort
 
     from tinysam.data.transforms import model_input
     from tinysam.quant.export import export_onnx, integer_layers
     from tinysam.quant.fake_quant import set_enabled
+    from tinysam.quant.run import INTEGER_GELU, REQUANTIZE
 
     model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
-    layers = wrap_model(model, requantize=["image_encoder.neck.*"])
+    layers = wrap_model(model, requantize=REQUANTIZE, integer_gelu=INTEGER_GELU)
     samples = collect(model, layers, toy_images[:1], points_per_side=2)
     calibrate(layers, samples, "minmax")
     set_enabled(layers, True)
     export_onnx(model, layers, tmp_path)
     graph = onnx.load(str(tmp_path / "encoder.onnx")).graph
     integer = {n: q for n, q in integer_layers(layers).items() if n.startswith("image_encoder.") and n in samples}
+    integer.update((n, q) for n, q in layers.items() if isinstance(q, QuantGELU))
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QLinearConv") == 2 and ops.count("MatMulIntegerToFloat") == len(integer) - 2 > 10
+    assert ops.count("QLinearConv") == 10 and ops.count("QLinearSigmoid") == ops.count("QLinearMul") == 6
+    assert ops.count("MatMulIntegerToFloat") == len(integer) - 16 > 10
+    assert ops.count("QLinearAdd") == 1, "the MBConv residual"
+    # uint8 from the image to the patch merging's output: one quantize in, one dequantize out
+    assert ops.count("QuantizeLinear") == ops.count("MatMulIntegerToFloat") + 1 + 2  # + the neck's two inputs
+    assert ops.count("DequantizeLinear") == 1 + 2
 
     x = model_input(model, toy_images[1])[None]
     session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
@@ -258,7 +316,9 @@ def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_p
         for layer in integer.values():
             layer.enabled = True
         fake_embedding = model.image_encoder(x)
-        noisy_embedding = model.image_encoder(x * (1 + 1e-6 * torch.randn_like(x)))
+        step = layers["image_encoder.patch_embed.seq.0.c"].act_scale
+        flips = step * torch.randn_like(x).sign() * (torch.rand_like(x) < 1e-3)
+        noisy_embedding = model.image_encoder(x + flips)
     noise = (noisy_embedding - fake_embedding).abs().mean()
     assert (onnx_embedding - fake_embedding).abs().mean() < 1.5 * noise
     assert (onnx_embedding - float_embedding).abs().mean() > 1.5 * noise
@@ -293,8 +353,8 @@ def test_quantize_script_and_its_errors(tmp_path):
     }
     assert any(abs(s - float(layer.act_scale)) < 1e-9 for s in scales), "our activation scale is in the graph"
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") == ops.count("MatMulIntegerToFloat") + ops.count("QLinearConv")
-    assert ops.count("MatMulIntegerToFloat") >= 16 and ops.count("QLinearConv") == 2  # the neck's, by default
+    assert ops.count("MatMulIntegerToFloat") >= 16 and ops.count("QLinearConv") == 10  # conv stage and neck
+    assert ops.count("QLinearSigmoid") == 6 and ops.count("DequantizeLinear") == 3
     from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 
     images = [generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused")).image for i in range(2)]

@@ -171,15 +171,15 @@ def wrap_model(
             else:
                 continue
             setattr(module, child_name, wrapped[full])
-    for key, patterns, kind, example in (
-        ("requantize", requantize, QuantLayer, "image_encoder.neck.0"),
-        ("integer_gelu", integer_gelu, QuantGELU, "image_encoder.layers.0.blocks.0.act1"),
+    for key, patterns, kind, what, example in (
+        ("requantize", requantize, QuantLayer, "quantizable layer", "image_encoder.neck.0"),
+        ("integer_gelu", integer_gelu, QuantGELU, "GELU", "image_encoder.layers.0.blocks.0.act1"),
     ):
         names = [n for n, m in wrapped.items() if isinstance(m, kind)]
         unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
         if unmatched:
             raise ValueError(
-                f"{key}: no {kind.__name__} matches {unmatched}; patterns match names like {example} "
+                f"{key}: no {what} matches {unmatched}; patterns match names like {example} "
                 f"(set {key}=[...] for this architecture)"
             )
     return wrapped
