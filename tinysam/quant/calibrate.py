@@ -51,6 +51,18 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _value_sample(t: Tensor, count: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+    """A function taking the same ``count`` random values (all if fewer) from ``t`` and tensors shaped like it."""
+    if t.numel() <= count:
+        return torch.flatten
+    index = torch.randint(t.numel(), (count,), generator=generator).to(t.device)
+    return lambda x: x.flatten()[index]
+
+
 def collect(
     model: Sam,
     layers: dict[str, QuantLayer | QuantMatMul | QuantGELU],
@@ -73,6 +85,7 @@ def collect(
     grads: dict[str, list[tuple[int, Tensor]]] = defaultdict(list)
     emitted: dict[str, Tensor] = {}  # the last output of each module that quantizes its output
     sources: dict[str, str] = {}
+    generator = torch.Generator().manual_seed(seed)
     handles = []
 
     def hook(name: str) -> Callable:
@@ -81,12 +94,14 @@ def collect(
             sources.update((name, source) for source, t in emitted.items() if t is inputs[0])
             if isinstance(module, QuantGELU) or getattr(module, "requantize", False):
                 emitted[name] = output
-            records[name]["inputs"].append(inputs[0].detach())
+            # an elementwise GELU keeps a sample of values from the start: its maps are the largest
+            pick = _value_sample(output, max_values, generator) if isinstance(module, QuantGELU) else _same
+            records[name]["inputs"].append(pick(inputs[0].detach()))
             if len(inputs) > 1:  # an attention matmul's right operand
                 records[name]["second"].append(inputs[1].detach())
-            records[name]["outputs"].append(output.detach())
+            records[name]["outputs"].append(pick(output.detach()))
             if output.requires_grad:
-                output.register_hook(lambda grad: grads[name].append((call, grad.detach())))
+                output.register_hook(lambda grad: grads[name].append((call, pick(grad.detach()))))
 
         return record
 
@@ -104,7 +119,6 @@ def collect(
     finally:
         for h in handles:
             h.remove()
-    generator = torch.Generator().manual_seed(seed)
     samples = {}
     emitted.clear()
     for name, rec in records.items():  # layers these prompts never reach (the mask-prompt convolutions) stay float
@@ -120,10 +134,8 @@ def collect(
                 a, b, outputs, grads_ = a[keep], b[keep], outputs[keep], grads_[keep]
             samples[name] = MatMulSamples(a, b, outputs, grads_)
             continue
-        if isinstance(layer, QuantGELU):  # elementwise: any sample of values
-            inputs, outputs, grads_ = (
-                torch.cat([t.flatten() for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"])
-            )
+        if isinstance(layer, QuantGELU):
+            inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
             if len(inputs) > max_values:
                 keep = torch.randperm(len(inputs), generator=generator)[:max_values]
                 inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
