@@ -9,6 +9,7 @@ as PTQ4ViT computes it, is this one.)
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
-from torch import Tensor
+from torch import Tensor, nn
 
 from tinysam.data.transforms import model_input
 from tinysam.everything.base import grid_points
@@ -51,16 +52,22 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
-def _value_sample(t: Tensor, count: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
-    """A function taking the same ``count`` random values (all if fewer) from ``t`` and tensors shaped like it."""
-    if t.numel() <= count:
-        return torch.flatten
-    index = torch.randint(t.numel(), (count,), generator=generator).to(t.device)
-    return lambda x: x.flatten()[index]
+def _sampler(module: nn.Module, output: Tensor, limits: dict[str, int], generator: torch.Generator) -> Callable:
+    """What a module keeps of a call's tensors (shaped like ``output``): at most ``limits`` random
+    values (integer GELU), rows (linear layer), batch entries (attention matmul) or whole maps of
+    a batch (convolution: one per prompt in the decoder)."""
+    if isinstance(module, QuantGELU):
+        size, count, view = output.numel(), limits["values"], torch.flatten
+    elif isinstance(module, QuantMatMul):
+        size, count, view = len(output), limits["matrices"], nn.Identity()
+    elif weight_axis(module.layer) is None:
+        size, count, view = output[..., 0].numel(), limits["rows"], _rows
+    else:
+        size, count, view = len(output), limits["maps"], nn.Identity()
+    if size <= count:
+        return view
+    index = torch.randint(size, (count,), generator=generator).to(output.device)
+    return lambda t: view(t)[index]
 
 
 def collect(
@@ -71,34 +78,38 @@ def collect(
     max_rows: int = 4096,
     max_matrices: int = 64,
     max_values: int = 2**20,
+    max_maps: int = 4,
     seed: int = 0,
 ) -> dict[str, LayerSamples | MatMulSamples]:
     """Inputs, float outputs and dL/dO of every quantized module over ``images``, in the order they run.
 
     Linear layers keep ``max_rows`` sampled rows, attention matmuls ``max_matrices`` sampled
-    (window or prompt) entries of their batch axis, integer GELUs ``max_values`` sampled values.
+    (window or prompt) entries of their batch axis, integer GELUs ``max_values`` sampled values,
+    convolutions ``max_maps`` maps per call (the encoder's one; 4 of the decoder's per-prompt
+    maps), sampled as they are recorded so that memory stays bounded. The encoder's
+    convolutions keep every map whole: at 1024 px (``tinyvit_5m``) about 2.4 GB of samples per image.
     A module whose input is the output of a module that quantizes its output (a requantized
     convolution, an integer GELU) records that module as its ``source``.
     """
     set_enabled(layers, False)
     records: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
     grads: dict[str, list[tuple[int, Tensor]]] = defaultdict(list)
-    emitted: dict[str, Tensor] = {}  # the last output of each module that quantizes its output
+    emitted: dict[str, weakref.ref] = {}  # the last output of each module that quantizes its output
     sources: dict[str, str] = {}
     generator = torch.Generator().manual_seed(seed)
+    limits = {"values": max_values, "rows": max_rows, "matrices": max_matrices, "maps": max_maps}
     handles = []
 
     def hook(name: str) -> Callable:
         def record(module, inputs, output):
             call = len(records[name]["inputs"])
-            sources.update((name, source) for source, t in emitted.items() if t is inputs[0])
+            sources.update((name, source) for source, t in emitted.items() if t() is inputs[0])
             if isinstance(module, QuantGELU) or getattr(module, "requantize", False):
-                emitted[name] = output
-            # an elementwise GELU keeps a sample of values from the start: its maps are the largest
-            pick = _value_sample(output, max_values, generator) if isinstance(module, QuantGELU) else _same
+                emitted[name] = weakref.ref(output)
+            pick = _sampler(module, output, limits, generator)
             records[name]["inputs"].append(pick(inputs[0].detach()))
             if len(inputs) > 1:  # an attention matmul's right operand
-                records[name]["second"].append(inputs[1].detach())
+                records[name]["second"].append(pick(inputs[1].detach()))
             records[name]["outputs"].append(pick(output.detach()))
             if output.requires_grad:
                 output.register_hook(lambda grad: grads[name].append((call, pick(grad.detach()))))
@@ -120,7 +131,6 @@ def collect(
         for h in handles:
             h.remove()
     samples = {}
-    emitted.clear()
     for name, rec in records.items():  # layers these prompts never reach (the mask-prompt convolutions) stay float
         layer = layers[name]
         by_call = dict(grads[name])  # outputs the loss does not depend on (the IoU head) weigh errors evenly
@@ -140,9 +150,7 @@ def collect(
                 keep = torch.randperm(len(inputs), generator=generator)[:max_values]
                 inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
         elif weight_axis(layer.layer) is None:
-            inputs, outputs, grads_ = (
-                torch.cat([_rows(t) for t in ts]) for ts in (rec["inputs"], rec["outputs"], rec["grads"])
-            )
+            inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
             if len(inputs) > max_rows:
                 keep = torch.randperm(len(inputs), generator=generator)[:max_rows]
                 inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
