@@ -70,6 +70,14 @@ def _sampler(module: nn.Module, output: Tensor, limits: dict[str, int], generato
     return lambda t: view(t)[index]
 
 
+def _subsample(tensors: list[Tensor], count: int, generator: torch.Generator) -> list[Tensor]:
+    """The same ``count`` random entries of the first axis of each tensor (all of them if fewer)."""
+    if len(tensors[0]) <= count:
+        return tensors
+    keep = torch.randperm(len(tensors[0]), generator=generator)[:count]
+    return [t[keep] for t in tensors]
+
+
 def collect(
     model: Sam,
     layers: dict[str, QuantLayer | QuantMatMul | QuantGELU],
@@ -136,26 +144,17 @@ def collect(
         by_call = dict(grads[name])  # outputs the loss does not depend on (the IoU head) weigh errors evenly
         rec["grads"] = [by_call.get(i, torch.ones_like(out)) for i, out in enumerate(rec["outputs"])]
         if isinstance(layer, QuantMatMul):
-            a, b, outputs, grads_ = (
-                torch.cat(ts) for ts in (rec["inputs"], rec["second"], rec["outputs"], rec["grads"])
+            a, b, outputs, grads_ = _subsample(
+                [torch.cat(rec[k]) for k in ("inputs", "second", "outputs", "grads")], max_matrices, generator
             )
-            if len(a) > max_matrices:
-                keep = torch.randperm(len(a), generator=generator)[:max_matrices]
-                a, b, outputs, grads_ = a[keep], b[keep], outputs[keep], grads_[keep]
             samples[name] = MatMulSamples(a, b, outputs, grads_)
             continue
+        tensors = [torch.cat(rec[k]) for k in ("inputs", "outputs", "grads")]
         if isinstance(layer, QuantGELU):
-            inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
-            if len(inputs) > max_values:
-                keep = torch.randperm(len(inputs), generator=generator)[:max_values]
-                inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
+            tensors = _subsample(tensors, max_values, generator)
         elif weight_axis(layer.layer) is None:
-            inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
-            if len(inputs) > max_rows:
-                keep = torch.randperm(len(inputs), generator=generator)[:max_rows]
-                inputs, outputs, grads_ = inputs[keep], outputs[keep], grads_[keep]
-        else:
-            inputs, outputs, grads_ = (torch.cat(ts) for ts in (rec["inputs"], rec["outputs"], rec["grads"]))
+            tensors = _subsample(tensors, max_rows, generator)
+        inputs, outputs, grads_ = tensors
         samples[name] = LayerSamples(inputs, outputs, grads_, sources.get(name))
     return samples
 

@@ -7,10 +7,11 @@ folded in, float output). That is exactly the fake-quant linear layer, run by an
 GEMM. A requantized convolution (``wrap_model(requantize=...)``) becomes ``QuantizeLinear`` +
 ``QLinearConv`` (per-channel int8 weights, int8 output on our output scale) +
 ``DequantizeLinear``: exactly its fake-quant layer, which quantizes the output too. An
-integer GELU (:class:`~tinysam.quant.fake_quant.QuantGELU`, between two requantized
-convolutions) becomes ``QLinearSigmoid`` + ``QLinearMul`` on uint8. Where a dequantize meets a
-quantize on the same grid, both go, so a conv -> GELU -> conv -> GELU -> conv chain (TinyViT's
-MBConv) runs in uint8 from end to end.
+integer GELU (:class:`~tinysam.quant.fake_quant.QuantGELU`) becomes ``QuantizeLinear`` +
+``QLinearSigmoid`` + ``QLinearMul`` + ``DequantizeLinear``. Then every dequantize -> quantize
+pair on one grid goes (calibration gives a module whose input is a quantized output that grid),
+and an ``Add`` of two dequantized tensors whose sum is quantized becomes ``QLinearAdd``: TinyViT's
+conv stage (convolutions, GELUs, residual adds) runs in uint8 from end to end.
 The other convolutions and the attention matmuls stay float in the ONNX model: a float
 convolution between float neighbours would pay a quantize and a dequantize pass and lose the
 activation that onnxruntime fuses into its float convolutions; attention matmuls have per-head
