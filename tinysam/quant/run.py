@@ -52,7 +52,7 @@ GRANULARITY = {
     "linear": "per layer",
     "activations": "per layer",
     "requantized_conv_outputs": "per layer",
-    "integer_gelu": "x * sigmoid(1.702 x), the sigmoid on 255 levels; input and output on the neighbouring grids",
+    "integer_gelu": "x * sigmoid(1.702 x), the sigmoid on k / 255; input and output per layer",
     "attention_matmuls": "per head; post-softmax operand with twin scales",
 }
 
