@@ -197,7 +197,7 @@ def _integer_gelu(name: str, x: str, y: str, gelu: QuantGELU) -> tuple[list, lis
     QuantizeLinear (``in_scale``), ``QLinearSigmoid`` (a lookup table on uint8, of 1.702 x, onto
     k / 255), ``QLinearMul`` (x times the sigmoid, onto ``out_scale``), DequantizeLinear.
     """
-    in_scale, bits = float(gelu.in_scale), gelu.bits
+    in_scale, bits = float(gelu.in_scale), gelu.act_bits
     nodes, inits, x_q = _quantize_input(name, x, in_scale, bits)
     inits += [
         _scalar(SIGMOID_ALPHA * in_scale, f"{name}/sigmoid_input_scale"),

@@ -86,9 +86,9 @@ class QuantGELU(nn.Module):
     on the same grids, a whole MBConv block runs in uint8. Disabled, it is the exact GELU.
     """
 
-    def __init__(self, bits: int = 8) -> None:
+    def __init__(self, act_bits: int = 8) -> None:
         super().__init__()
-        self.bits = check_bits(bits)
+        self.act_bits = check_bits(act_bits)
         self.register_buffer("in_scale", torch.ones(()))
         self.register_buffer("out_scale", torch.ones(()))
         self.enabled = False
@@ -101,7 +101,7 @@ class QuantGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return F.gelu(x)
-        return fake_quant(self.compute(fake_quant(x, self.in_scale, self.bits)), self.out_scale, self.bits)
+        return fake_quant(self.compute(fake_quant(x, self.in_scale, self.act_bits)), self.out_scale, self.act_bits)
 
 
 @torch.no_grad()

@@ -110,9 +110,14 @@ def search_layer(
     return {"minmax": start, "searched": best.sum().item()}
 
 
+def weighted_error(samples: LayerSamples, approx: Tensor) -> Tensor:
+    """E[(dL/dO * (O - approx))^2] over the calibration samples."""
+    return (samples.grads * (samples.outputs - approx)).square().mean()
+
+
 def output_distance(bits: int, samples: LayerSamples, quantized: Tensor, out_scale: Tensor) -> Tensor:
     """E[(dL/dO * (O - O_q))^2] when the layer's ``quantized`` output is requantized with ``out_scale``."""
-    return (samples.grads * (samples.outputs - fake_quant(quantized, out_scale, bits))).square().mean()
+    return weighted_error(samples, fake_quant(quantized, out_scale, bits))
 
 
 @torch.no_grad()
@@ -120,7 +125,7 @@ def search_output_scale(
     module: QuantLayer | QuantGELU, samples: LayerSamples, quantized: Tensor, candidates: int = 100
 ) -> float:
     """Grid search of ``module.out_scale`` for its ``quantized`` output (input side already set); its distance."""
-    bits = module.bits if isinstance(module, QuantGELU) else module.act_bits
+    bits = module.act_bits
     best = output_distance(bits, samples, quantized, module.out_scale)
     out_scale = module.out_scale.clone()
     for scale in candidate_scales(out_scale * qmax(bits), bits, candidates):
@@ -144,14 +149,14 @@ def minmax_layer(layer: QuantLayer, samples: LayerSamples, input_scale: Tensor |
 @torch.no_grad()
 def minmax_gelu(gelu: QuantGELU, samples: LayerSamples, input_scale: Tensor | None = None) -> None:
     """Input and output scales of an integer GELU from the largest values seen (or the given input grid)."""
-    in_scale = absmax_scale(samples.inputs, gelu.bits) if input_scale is None else input_scale
+    in_scale = absmax_scale(samples.inputs, gelu.act_bits) if input_scale is None else input_scale
     gelu.in_scale.copy_(in_scale.reshape(()))
-    gelu.out_scale.copy_(absmax_scale(samples.outputs, gelu.bits).reshape(()))
+    gelu.out_scale.copy_(absmax_scale(samples.outputs, gelu.act_bits).reshape(()))
 
 
 def gelu_output(gelu: QuantGELU, samples: LayerSamples, in_scale: Tensor) -> Tensor:
     """The integer GELU's output on the calibration inputs quantized with ``in_scale`` (output not requantized)."""
-    return gelu.compute(fake_quant(samples.inputs, in_scale, gelu.bits))
+    return gelu.compute(fake_quant(samples.inputs, in_scale, gelu.act_bits))
 
 
 @torch.no_grad()
@@ -160,16 +165,16 @@ def search_gelu(
 ) -> dict[str, float]:
     """Hessian-guided grid search of an integer GELU's input scale (unless given), then of its output scale."""
     minmax_gelu(gelu, samples, input_scale)
-    start = output_distance(gelu.bits, samples, gelu_output(gelu, samples, gelu.in_scale), gelu.out_scale)
-    if input_scale is None:
-        best = (samples.grads * (samples.outputs - gelu_output(gelu, samples, gelu.in_scale))).square().mean()
-        for scale in candidate_scales(gelu.in_scale * qmax(gelu.bits), gelu.bits, candidates):
-            d = (samples.grads * (samples.outputs - gelu_output(gelu, samples, scale))).square().mean()
-            if d < best:
-                best = d
-                gelu.in_scale.copy_(scale)
     quantized = gelu_output(gelu, samples, gelu.in_scale)
-    return {"minmax": start.item(), "searched": search_output_scale(gelu, samples, quantized, candidates)}
+    start = output_distance(gelu.act_bits, samples, quantized, gelu.out_scale).item()
+    if input_scale is None:
+        best = weighted_error(samples, quantized)
+        for scale in candidate_scales(gelu.in_scale * qmax(gelu.act_bits), gelu.act_bits, candidates):
+            output = gelu_output(gelu, samples, scale)
+            if (d := weighted_error(samples, output)) < best:
+                best, quantized = d, output
+                gelu.in_scale.copy_(scale)
+    return {"minmax": start, "searched": search_output_scale(gelu, samples, quantized, candidates)}
 
 
 @dataclass
