@@ -57,8 +57,8 @@ GRANULARITY = {
 }
 
 
-# TinyViT's defaults: the patch embedding and the MBConv blocks of the high-resolution conv stage
-# run int8 from end to end (convolutions requantized, the GELUs between them integer); the neck's
+# TinyViT's defaults: the high-resolution conv stage (patch embedding, MBConv blocks, patch merging)
+# runs int8 from end to end (convolutions requantized, its GELUs integer); the neck's
 # compute-bound convolutions at 64x64 are requantized too.
 REQUANTIZE = (
     "image_encoder.patch_embed.seq.[02].c",
@@ -86,7 +86,7 @@ def quantize_model(
     """Quantize ``model`` in place on calibration ``images`` and write the quantized directory ``out``.
 
     ``requantize``: name patterns of convolutions whose outputs are quantized too, so that the
-    ONNX model runs them int8 to int8; ``integer_gelu``: GELUs between two of them, run on int8
+    ONNX model runs them int8 to int8; ``integer_gelu``: GELUs run on int8
     (:class:`~tinysam.quant.fake_quant.QuantGELU`). Returns the recipe written (``recipe`` plus bits, method,
     granularity, search report and ONNX files) and the quantized modules by name.
     """
