@@ -114,7 +114,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as onnx_dir:
         if "onnx" in backends:
-            from tinysam.export import DECODER, ENCODER, export_decoder, export_encoder
+            from tinysam.models.onnx import DECODER, ENCODER, export_decoder, export_encoder
 
             model = build("cpu")
             export_encoder(model, Path(onnx_dir) / ENCODER)

@@ -42,3 +42,47 @@ def run_script_ok(script: str, overrides: list[str], cwd: Path, timeout: float =
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def small_train_run(root: Path, steps: int, every: int) -> list[str]:
+    """A few-second toy run: 16 images, no validation, checkpoints every ``every`` steps."""
+    return [
+        f"paths.root_dir={root}",
+        "data.toyworld.n_train=16",
+        "data.toyworld.n_val=0",
+        "data.val_dirs=[]",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "prompts.prompts_per_image=4",
+        "prompts.max_rounds=2",
+        f"trainer.max_steps={steps}",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
+        "module.image_log_every=0",
+        "logger=csv",
+        "~callbacks.progress_bar",
+    ]
+
+
+def run_python(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> tuple[int, str]:
+    """Run ``python args...`` (a script of the repo, ``-m module`` ...) to the end: exit code and output."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout
+
+
+def fails_in_one_line(args: list[str], cwd: Path, *expected: str, timeout: float = 600) -> str:
+    """Run ``python args...``: it must exit non-zero without a traceback, its last line holding each of ``expected``."""
+    code, out = run_python(args, cwd, timeout)
+    assert code != 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    for text in expected:
+        assert text in last, last
+    return last

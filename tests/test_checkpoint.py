@@ -123,7 +123,7 @@ def test_save_rejects_other_suffix(tmp_path, toy_student):
 
 
 def _meta_state(name: str) -> dict:
-    from tinysam.models.build import architecture_builders
+    from tinysam.models.registry import architecture_builders
 
     with torch.device("meta"):
         return architecture_builders()[name]().state_dict()

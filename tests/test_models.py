@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinysam import build_student, build_teacher
-from tinysam.models.build import architecture_builders
+from tinysam.models.registry import architecture_builders
 
 
 def test_student_state_dict_matches_official_keys_and_shapes(reference_state_dict_spec):

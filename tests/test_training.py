@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from helpers import REPO, compose_config, run_script, run_script_ok
+from helpers import REPO, compose_config, run_script, run_script_ok, small_train_run
 from tinysam import build_student, build_teacher
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.distill.datamodule import DistillDataModule, collate_with_embeddings
@@ -33,25 +33,6 @@ def precompute_train_store(tmp_path, *overrides: str) -> None:
         cwd=tmp_path,
     )
 
-
-
-def _small_run(root: Path, steps: int, every: int) -> list[str]:
-    """A few-second toy run: 16 images, no validation, checkpoints every ``every`` steps."""
-    return [
-        f"paths.root_dir={root}",
-        "data.toyworld.n_train=16",
-        "data.toyworld.n_val=0",
-        "data.val_dirs=[]",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "prompts.prompts_per_image=4",
-        "prompts.max_rounds=2",
-        f"trainer.max_steps={steps}",
-        f"callbacks.model_checkpoint.every_n_train_steps={every}",
-        "module.image_log_every=0",
-        "logger=csv",
-        "~callbacks.progress_bar",
-    ]
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -93,7 +74,7 @@ def test_teacher_terms_without_teacher_are_refused(toy_student):
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
-    overrides = _small_run(killed, steps=16, every=3)  # 4 batches an epoch: step 3 is mid-epoch
+    overrides = small_train_run(killed, steps=16, every=3)  # 4 batches an epoch: step 3 is mid-epoch
     proc = run_script("train.py", overrides, cwd=killed)
     ckpt_dir = killed / "outputs" / "train" / "toy_distill" / "checkpoints"
     deadline = time.time() + 400
@@ -105,7 +86,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert not (ckpt_dir / "student.safetensors").exists(), "the run was killed before its end"
     out = run_script_ok("train.py", overrides + ["ckpt_path=last"], cwd=killed)
     assert "resuming data at epoch 0, batch 3" in out or "resuming data at epoch 1, batch 2" in out, out[-3000:]
-    run_script_ok("train.py", _small_run(clean, steps=16, every=3), cwd=clean)
+    run_script_ok("train.py", small_train_run(clean, steps=16, every=3), cwd=clean)
     resumed = load_file(ckpt_dir / "student.safetensors")
     uninterrupted = load_file(clean / "outputs" / "train" / "toy_distill" / "checkpoints" / "student.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -115,7 +96,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     dump = tmp_path / "ranks"
-    overrides = _small_run(tmp_path, steps=3, every=100) + [
+    overrides = small_train_run(tmp_path, steps=3, every=100) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -150,8 +131,10 @@ def test_every_experiment_composes_and_instantiates(tmp_path, experiment):
     assert cfg.student._target_.startswith("tinysam.models.build.")
     if cfg.get("teacher"):
         assert cfg.teacher.name in {"vit_toy", "vit_h", "vit_l", "vit_b"}
-    with torch.device("meta"):
-        student = instantiate(cfg.student)
+    if cfg.student.checkpoint:  # weights are checked here; the meta model below is the architecture alone
+        assert Path(cfg.student.checkpoint).is_file(), cfg.student.checkpoint
+    with torch.device("meta"):  # no memory; loading real weights into meta tensors would only warn per tensor
+        student = instantiate(cfg.student, checkpoint=None)
     assert student.image_encoder.img_size == cfg.data.image_size
     assert cfg.module._target_ == "tinysam.distill.module.DistillModule"
 
@@ -169,7 +152,7 @@ def test_a_wrong_key_fails_at_start(tmp_path):
 
 def test_multirun_sweep(tmp_path):
     overrides = ["-m", "distill.output_weight=0,1", "trainer.max_steps=2"] + [
-        o for o in _small_run(tmp_path, steps=2, every=100) if not o.startswith("trainer.max_steps")
+        o for o in small_train_run(tmp_path, steps=2, every=100) if not o.startswith("trainer.max_steps")
     ]
     out = run_script_ok("train.py", overrides, cwd=tmp_path)
     sweep = tmp_path / "outputs" / "train" / "toy_distill-multirun"
@@ -190,7 +173,7 @@ def test_bad_samples_are_counted_per_pass(tmp_path):
 def test_training_refuses_a_store_of_another_teacher_checkpoint(tmp_path):
     from tinysam.data.embedding_store import read_manifest
 
-    overrides = _small_run(tmp_path, steps=1, every=100)
+    overrides = small_train_run(tmp_path, steps=1, every=100)
     precompute_train_store(tmp_path, "teacher.checkpoint=null")
     store = tmp_path / "data" / "cache" / "embeddings" / "toyworld-vit_toy"
     assert read_manifest(store)["teacher_checkpoint_sha256"] == "random-init:seed=0"

@@ -1,5 +1,6 @@
 """Shared by the entry scripts: the ``${tinysam.asset:NAME}`` resolver and one-line reporting of user errors."""
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,13 +17,96 @@ def register_resolvers() -> None:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn the errors a user can fix (bad paths, files, settings) into a one-line exit message."""
+    """Turn the errors a user can fix (bad paths, files, settings) into a one-line exit message.
+
+    Wraps every entry point: the four scripts as ``with one_line_errors():``, and the
+    ``python -m tinysam.*`` mains as the decorator ``@one_line_errors()``. It also checks the
+    command line's value types and tidies the logs (:func:`tidy_logging`).
+    """
     from tinysam.data.coco import CocoFormatError
     from tinysam.data.embedding_store import StoreError
     from tinysam.data.transforms import ImageError
     from tinysam.models.checkpoint import CheckpointError
 
+    tidy_logging()
     try:
+        check_override_types()
         yield
     except (CheckpointError, CocoFormatError, StoreError, ImageError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {type(err).__name__}: {err}") from None
+        raise SystemExit(f"error: {type(err).__name__}: {_one_line(err)}") from None
+    except OSError as err:  # a read-only or full output folder, a permission: errno and file name say which
+        where = f" ({err.filename})" if err.filename else ""
+        raise SystemExit(
+            f"error: {type(err).__name__}: {err.strerror or err}{where}; check that the folder is writable "
+            "and its disk has space"
+        ) from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def check_override_types() -> None:
+    """Refuse a command-line override that puts text where the config holds a number, naming key and default.
+
+    Hydra already refuses misspelt keys; a value of the wrong type would otherwise surface as a
+    TypeError deep inside Lightning. Only overrides whose value is non-numeric text are checked,
+    each against the config composed without it. Outside a Hydra run this does nothing.
+    """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    composed = None
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.startswith(("~", "+")) or not _is_text(value):
+            continue
+        if composed is None:
+            composed = compose(config_name=hydra_cfg.job.config_name, overrides=overrides)
+        if not isinstance(OmegaConf.select(composed, key), str):
+            continue  # a config group or a structured value, not a plain text field
+        base = compose(config_name=hydra_cfg.job.config_name, overrides=[o for o in overrides if o != override])
+        default = OmegaConf.select(base, key)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise ValueError(
+                f"override {override}: {key} takes a number ({type(default).__name__}; the config has {default}); "
+                f"give a number, for example {key}={default}"
+            )
+
+
+def _is_text(value: str) -> bool:
+    """Whether Hydra reads an override's value as text (not a number, bool or null)."""
+    if value.strip().lower() in ("null", "true", "false"):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return True
+    return False
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's "Tip: try installing <product>" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def tidy_logging() -> None:
+    """One copy of each log line: Lightning's loggers hand their records to the root's handlers (Hydra's).
+
+    Lightning adds its own console handler when it is imported before logging is configured,
+    so every line appeared twice; its product tips are dropped.
+    """
+    for name in list(logging.root.manager.loggerDict):
+        if name == "lightning" or name.startswith(("lightning.", "lightning_fabric", "pytorch_lightning")):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisements) for f in tips.filters):
+        tips.addFilter(_NoAdvertisements())

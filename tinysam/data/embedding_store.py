@@ -390,4 +390,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinysam.config import one_line_errors  # the entry-point harness, not a dependency of the store
+
+    sys.exit(one_line_errors()(main)())

@@ -25,7 +25,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import Dataset
 
 from tinysam.data.transforms import ImageError, list_images, load_image, prepare_image
-from tinysam.models.build import PIXEL_MEAN, PIXEL_STD
+from tinysam.models.registry import PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,13 @@ class BadSample(ValueError):
 
 
 class SkipReport:
-    """Counts skipped samples over a pass and logs one summary line at its end."""
+    """Counts skipped samples over a pass; at its end logs what was skipped (and a clean pass once)."""
 
     def __init__(self, name: str = "dataset") -> None:
         self.name = name
         self.reasons: Counter[str] = Counter()
         self.seen = 0
+        self.logged_clean_pass = False  # "none skipped" is said once a run, not every epoch
 
     def add(self, used: int, skipped: Sequence[SkippedSample]) -> None:
         self.seen += used + len(skipped)
@@ -65,9 +66,13 @@ class SkipReport:
         return f"{self.name}: skipped {self.skipped} of {self.seen} samples ({detail})"
 
     def end_pass(self) -> str:
-        """Log and return the summary, then start counting the next pass."""
+        """Return the summary and start counting the next pass; log it when samples were skipped, or once."""
         text = self.summary()
-        (log.warning if self.reasons else log.info)(text)
+        if self.reasons:
+            log.warning(text)
+        elif not self.logged_clean_pass:
+            log.info(text)
+            self.logged_clean_pass = True
         self.reasons.clear()
         self.seen = 0
         return text

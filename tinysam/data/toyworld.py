@@ -369,4 +369,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tinysam.config import one_line_errors  # the entry-point harness, not a dependency of the data
+
+    one_line_errors()(main)()

@@ -1,13 +1,16 @@
-"""Training callbacks: export of the student alone and data-wait measurement."""
+"""Training callbacks: student export, data-wait measurement, progress (terminal or log file) and preemption."""
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tinysam.models.checkpoint import save_checkpoint
 
@@ -72,3 +75,89 @@ class DataWaitMonitor(Callback):
     @property
     def fraction(self) -> float:
         return self.wait / self.total if self.total else 0.0
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich's progress bar, counting optimizer steps out of ``max_steps`` when the run is bounded by steps.
+
+    Lightning's bar counts batches per epoch and reads ``Epoch 60/-2`` under ``max_epochs=-1``.
+    """
+
+    def _by_steps(self) -> bool:
+        return self.trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self._by_steps():
+            text = "Step"
+        elif self.trainer.max_epochs in (None, -1):  # unbounded: no "/-2"
+            text = f"Epoch {current_epoch}"
+        else:
+            return super()._get_train_description(current_epoch)
+        return f"{text:{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._by_steps():
+            self._update(self.train_progress_bar_id, trainer.global_step)
+            self.refresh()
+
+
+class StepLog(Callback):
+    """Logs step, loss, seconds per step and ETA every ``every_n_steps`` steps when stdout is not a terminal.
+
+    A run whose output goes to a file or a cluster log otherwise shows no progress at all
+    (the progress bar draws only on terminals). ``always=True`` logs on terminals too.
+    """
+
+    def __init__(self, every_n_steps: int = 25, always: bool = False) -> None:
+        self.every_n_steps = every_n_steps
+        self.active = always or not sys.stdout.isatty()
+        self._start: tuple[float, int] | None = None
+        self._last_logged = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.active or step % self.every_n_steps or step == self._last_logged or self._start is None:
+            return
+        self._last_logged = step
+        started, first_step = self._start
+        per_step = (time.perf_counter() - started) / max(step - first_step, 1)
+        loss = trainer.callback_metrics.get("train/loss_total")
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        eta = f", ETA {timedelta(seconds=round(per_step * (total - step)))}" if total else ""
+        log.info(
+            "step %d%s, loss %s, %.2f s/step%s",
+            step,
+            f"/{total}" if total else "",
+            "-" if loss is None else f"{float(loss):.4f}",
+            per_step,
+            eta,
+        )
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (a cluster's preemption) saves ``last.ckpt`` where ``ckpt_path=last`` finds it.
+
+    Lightning stops its loop at the next step on SIGTERM; the run then exits non-zero
+    (``tinysam.distill.train.run``), and the same command with ``ckpt_path=last`` (or ``auto``)
+    resumes exactly where it stopped.
+    """
+
+    saved: Path | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
+            return
+        path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        if path.is_symlink():  # save_last="link": replace the link, never write through it
+            path.unlink()
+        trainer.save_checkpoint(path)
+        self.saved = path
+        log.warning("SIGTERM at step %d: saved %s", trainer.global_step, path)

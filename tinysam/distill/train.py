@@ -10,10 +10,11 @@ from typing import Any
 
 import lightning.pytorch as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from tinysam.data.embedding_store import EmbeddingStore, StoreError, read_manifest
-from tinysam.distill.callbacks import DataWaitMonitor, ExportStudent
+from tinysam.distill.callbacks import CheckpointOnSigterm, DataWaitMonitor, ExportStudent
 from tinysam.distill.module import VAL_KINDS, DistillModule
 from tinysam.distill.precompute import teacher_store_spec
 
@@ -58,6 +59,26 @@ def ensure_store(cfg: DictConfig) -> None:
     )
 
 
+def resolve_ckpt_path(value: str | None, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``last`` must exist, ``auto`` resumes when one exists, else a path."""
+    if value in (None, "null", ""):
+        return None
+    if value in ("last", "auto"):
+        last = checkpoint_dir / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        if value == "auto":
+            log.info("ckpt_path=auto: no checkpoint in %s yet, starting at step 0", checkpoint_dir)
+            return None
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoint in {checkpoint_dir}: this run_name wrote none yet (never started, or "
+            "stopped before its first checkpoint); check run_name, drop ckpt_path to start, or pass ckpt_path=auto"
+        )
+    if not Path(value).is_file():
+        raise FileNotFoundError(f"ckpt_path={value}: no such file; pass a Lightning .ckpt, last or auto")
+    return value
+
+
 def metrics_table(metrics: dict[str, float]) -> str:
     """Markdown table of the held-out mIoUs that validation logged."""
     rows = ["| prompt | student vs GT | student vs teacher | teacher vs GT |", "|---|---|---|---|"]
@@ -75,15 +96,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the final validation metrics (also written to ``results.json``)."""
     # DistillDataModule restores the data position itself (its state_dict), which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning's own use of a torch API that newer torch deprecates: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    checkpoint_dir = Path(OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath") or output_dir / "checkpoints")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)  # before any work: a bad path fails now
     teacher = instantiate(cfg.teacher) if cfg.get("teacher") else None
     if teacher is not None:
         ensure_store(cfg)
         spec = teacher_store_spec(teacher, cfg.teacher.name, cfg.teacher.checkpoint, cfg.seed)
         # refuses a store made with another teacher, checkpoint or image size, naming the field
         EmbeddingStore(cfg.store_dir, spec.teacher, spec.image_size, spec.teacher_checkpoint_sha256)
-    L.seed_everything(cfg.seed, workers=True)  # the student's init must not depend on whether a store was just made
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the student's init must not depend on whether a store was just made
     student = instantiate(cfg.student)
     for name, model in (("student", student), ("teacher", teacher)):
         if model is not None and model.image_encoder.img_size != cfg.data.image_size:
@@ -95,21 +120,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module: DistillModule = instantiate(
         cfg.module, student=student, teacher=teacher, loss=instantiate(cfg.distill), sampler=instantiate(cfg.prompts)
     )
-    wait = DataWaitMonitor()
+    wait, preempted = DataWaitMonitor(), CheckpointOnSigterm()
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [
-        ExportStudent(str(output_dir / "checkpoints"), made_from=f"train.py {cfg.run_name}"),
+        ExportStudent(str(checkpoint_dir), made_from=f"train.py {cfg.run_name}"),
         wait,
+        preempted,
     ]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, use_distributed_sampler=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        saved = f"saved {preempted.saved}" if preempted.saved else "no checkpoint callback, nothing saved"
+        raise SystemExit(
+            f"stopped by SIGTERM at step {trainer.global_step}: {saved}; resume with the same command and "
+            "ckpt_path=last (or ckpt_path=auto)"
+        ) from None
     metrics = {}
     if datamodule.val_dirs:
         metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     metrics["data_wait_fraction"] = wait.fraction
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
-        (output_dir / "results.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        print(f"\nheld-out mIoU ({cfg.run_name}, step {trainer.global_step}):\n{metrics_table(metrics)}")
-        print(f"data-wait fraction: {wait.fraction:.3f}; student: {output_dir / 'checkpoints' / 'student.safetensors'}")
+        results = output_dir / "results.json"
+        results.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        if datamodule.val_dirs:
+            print(f"\nheld-out mIoU ({cfg.run_name}, step {trainer.global_step}):\n{metrics_table(metrics)}")
+        else:
+            print("\nno held-out mIoU: data.val_dirs is empty; pass data.val_dirs=[DIR] (held-out SA-1B folders)")
+        print(f"data-wait fraction: {wait.fraction:.3f}")
+        print(f"outputs in {output_dir}: student {checkpoint_dir / 'student.safetensors'}, metrics {results}")
     return metrics

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_METRICS = (*METRICS, "APr", "APc", "APf")
+WARN_DROPPED_SHARE = 0.05  # more detections than this share not scored: warn before the table
 
 
 def select_best(low_res: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +192,15 @@ def evaluate(
     coco, dropped_annotations = load_coco_instances(dataset.annotations)
     detections = load_detections(dataset.detections, coco)
     segmenter = BoxSegmenter(Predictor(model), multimask=multimask, batch_size=batch_size)
-    seg = segment_detections(coco, detections, dataset.images_dir, segmenter)
+    seg = segment_detections(coco, detections, dataset.images_dir, segmenter) if len(detections) else SegmentationResults()
+    lost = detections.dropped + seg.skipped
+    read = len(detections) + sum(detections.dropped.values())
+    if read and not seg.results:
+        raise CocoFormatError(
+            f"every one of the {read} detections in {dataset.detections} was dropped ({_reasons(lost)}); check that "
+            f"their image_id values are those of {dataset.annotations}, their bbox XYWH pixels inside the image, "
+            f"and that dataset.images={dataset.images_dir} holds the images"
+        )
     lvis = is_lvis(dataset.annotations)
     metrics = score_lvis(dataset.annotations, seg.results) if lvis else score_coco(coco, seg.results)
     report = {
@@ -209,12 +218,19 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "segm_results.json").write_text(json.dumps(seg.results))
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    skipped = sum(seg.skipped.values()) + sum(detections.dropped.values())
+    skipped = sum(lost.values())
+    if skipped > WARN_DROPPED_SHARE * read:
+        print(f"warning: {skipped} of {read} detections were not scored ({_reasons(lost)}); see counts in metrics.json")
+    elif not read:
+        print(f"warning: {dataset.detections} holds no detections: every AP is 0")
     print(f"mask AP (%) on {dataset.annotations}, {len(seg.results)} masks, {skipped} detections skipped")
-    if skipped:
-        print(f"skipped: {dict(detections.dropped + seg.skipped)}")
     print(metrics_table(metrics))
+    print(f"wrote {out / 'segm_results.json'} and {out / 'metrics.json'}")
     return report
+
+
+def _reasons(counts: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "no reason recorded"
 
 
 def score_proposals(

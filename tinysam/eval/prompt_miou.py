@@ -175,4 +175,5 @@ def evaluate(
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"prompt mIoU on {counts['all']} objects" + (f", skipped: {dict(+skipped)}" if +skipped else ""))
     print(table(summary, counts))
+    print(f"wrote {out / 'metrics.json'}")
     return report

@@ -20,7 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 
-from tinysam.data.coco import load_coco_instances
+from tinysam.data.coco import CocoFormatError, load_coco_instances
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import ImageError, list_images, load_image
 from tinysam.eval.coco_instances import metrics_table, score_proposals
@@ -77,6 +77,15 @@ def annotate(
     gen = GENERATORS[mode](model, **dict(generator or {}, output_mode="coco_rle"))
     coco = load_coco_instances(annotations)[0] if annotations else None
     ids_by_name = {img["file_name"]: img_id for img_id, img in coco.imgs.items()} if coco else {}
+    if coco is not None:
+        covered = sum(path.name in ids_by_name for path in files)
+        if files and not covered:
+            raise CocoFormatError(
+                f"annotations={annotations} names none of the {len(files)} images in {images}; pass "
+                "annotations=null to annotate without scoring, or the instances file of these images"
+            )
+        if covered < len(files):
+            log.warning("annotations=%s cover %d of %d images: only those are scored", annotations, covered, len(files))
     skipped: Counter = Counter()
     prompts: Counter = Counter()
     results, scored_ids, n_masks = [], [], 0
@@ -125,4 +134,5 @@ def annotate(
         print(metrics_table(report["proposals"]))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {report['images']} SA-1B JSONs to {out_dir} and the report to {Path(output_dir) / 'metrics.json'}")
     return report

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinysam.io import atomic_write
+from tinysam.models.registry import architecture_builders
 
 WHERE_TO_GET_WEIGHTS = (
     "official weights are published by their authors: SAM ViT-H/L/B at "
@@ -44,12 +44,17 @@ def metadata_path(path: str | Path) -> Path:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a PyTorch pickle (bare or under ``model``/``state_dict``)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a weights file: pass the .pth or .safetensors file inside it "
+            "(a quantized model folder must hold the quantization.json that quantize.py writes)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; {WHERE_TO_GET_WEIGHTS}")
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
-        except (SafetensorError, OSError, ValueError) as err:
+        except Exception as err:  # any failure of the reader is a file we cannot use
             raise CheckpointError(
                 f"checkpoint {path} is truncated or not a safetensors file ({_first_line(err)}); "
                 "re-export it or re-download it"
@@ -64,7 +69,9 @@ def _first_line(err: BaseException) -> str:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol: the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Weights only load failed" in str(err):
             raise CheckpointError(
@@ -72,13 +79,16 @@ def _torch_load(path: Path) -> Any:
                 "module, as the official Q-TinySAM file is); tinysam only loads plain tensors: in the "
                 "environment that made it, run torch.save(model.state_dict(), 'weights.pth') and load that"
             ) from None
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({_first_line(err)}); re-download it"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({_first_line(err)}); re-download it"
-        ) from None
+        raise _not_a_checkpoint(path, err) from None
+    except Exception as err:  # torch's unpickler fails on foreign bytes with any error type (KeyError, IndexError...)
+        raise _not_a_checkpoint(path, err) from None
+
+
+def _not_a_checkpoint(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); "
+        "pass a .pth saved with torch.save or a .safetensors file, or re-download it"
+    )
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -100,8 +110,6 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 @lru_cache(maxsize=None)
 def _known_signatures() -> dict[str, dict[str, tuple[int, ...]]]:
     """Key -> shape of every registered architecture, built on the meta device (no memory, no time)."""
-    from tinysam.models.build import architecture_builders
-
     signatures = {}
     with torch.device("meta"):
         for name, build in architecture_builders().items():

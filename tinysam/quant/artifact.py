@@ -19,6 +19,7 @@ from segment_anything.modeling import Sam
 
 from tinysam.io import atomic_write
 from tinysam.models.checkpoint import CheckpointError
+from tinysam.models.registry import architecture_builders
 from tinysam.quant.fake_quant import QuantLayer, wrap_model
 from tinysam.quant.quantizers import quantize
 
@@ -49,8 +50,6 @@ def is_quantized_dir(path: str | Path) -> bool:
 
 def load_quantized(path: str | Path) -> tuple[Sam, dict[str, Any]]:
     """The fake-quantized model of a directory written by :func:`save_quantized`, and its recipe."""
-    from tinysam.models.build import architecture_builders
-
     path = Path(path)
     if not is_quantized_dir(path):
         raise CheckpointError(f"{path} is not a quantized model directory (no {RECIPE}); run python quantize.py")

@@ -1,7 +1,7 @@
 """Real integer execution: the ONNX encoder with our quantized layers as integer kernels.
 
 Every linear layer of the image encoder becomes ``QuantizeLinear`` (our activation scale,
-uint8 with zero point 128: the grid of our symmetric int8) followed by onnxruntime's
+int8 with zero point 0: the grid of our symmetric quantizer) followed by onnxruntime's
 ``MatMulIntegerToFloat`` (int8 weights from our quantizer with our weight scale, the bias
 folded in, float output). That is exactly the fake-quant linear layer, run by an integer
 GEMM. A requantized convolution (``wrap_model(requantize=...)``) becomes ``QuantizeLinear`` +
@@ -11,7 +11,9 @@ integer GELU (:class:`~tinysam.quant.fake_quant.QuantGELU`) becomes ``QuantizeLi
 ``QLinearSigmoid`` + ``QLinearMul`` + ``DequantizeLinear``. Then every dequantize -> quantize
 pair on one grid goes (calibration gives a module whose input is a quantized output that grid),
 and an ``Add`` of two dequantized tensors whose sum is quantized becomes ``QLinearAdd``: TinyViT's
-conv stage (convolutions, GELUs, residual adds) runs in uint8 from end to end.
+conv stage (convolutions, GELUs, residual adds) runs in int8 from end to end.
+Activations are int8, not uint8: onnxruntime's uint8 x int8 kernels sum pairs of products in
+int16 on CPUs without VNNI (AVX2) and saturate there; its int8 x int8 kernels are exact everywhere.
 The other convolutions and the attention matmuls stay float in the ONNX model: a float
 convolution between float neighbours would pay a quantize and a dequantize pass and lose the
 activation that onnxruntime fuses into its float convolutions; attention matmuls have per-head
@@ -80,28 +82,28 @@ def _scalar(value: float, name: str, dtype=np.float32) -> onnx.TensorProto:
 
 
 def _clip_to_grid(name: str, x: str, bits: int) -> tuple[list, list, str]:
-    """A Clip of uint8 ``x`` (zero point 128) to the b-bit grid [128 - 2^(b-1), 128 + 2^(b-1) - 1]."""
-    inits = [_scalar(128 - qmax(bits) - 1, f"{name}_min", np.uint8), _scalar(128 + qmax(bits), f"{name}_max", np.uint8)]
+    """A Clip of int8 ``x`` (zero point 0) to the b-bit grid [-2^(b-1), 2^(b-1) - 1]."""
+    inits = [_scalar(-qmax(bits) - 1, f"{name}_min", np.int8), _scalar(qmax(bits), f"{name}_max", np.int8)]
     return [helper.make_node("Clip", [x, f"{name}_min", f"{name}_max"], [f"{name}_clipped"])], inits, f"{name}_clipped"
 
 
 def _on_grid(name: str, x: str, bits: int) -> tuple[list, list, str]:
-    """``x`` (uint8) itself at 8 bits; clipped to the b-bit grid below (integer kernels saturate at 8 bits only)."""
+    """``x`` (int8) itself at 8 bits; clipped to the b-bit grid below (integer kernels saturate at 8 bits only)."""
     return ([], [], x) if bits == 8 else _clip_to_grid(name, x, bits)
 
 
 def _quantize_input(name: str, x: str, scale: float, bits: int) -> tuple[list, list, str]:
-    """Nodes, initializers and output name quantizing ``x`` to uint8 (zero point 128) on the b-bit grid of ``scale``."""
-    inits = [_scalar(scale, f"{name}/input_scale"), _scalar(128, f"{name}/input_zero_point", np.uint8)]
+    """Nodes, initializers and output name quantizing ``x`` to int8 (zero point 0) on the b-bit grid of ``scale``."""
+    inits = [_scalar(scale, f"{name}/input_scale"), _scalar(0, f"{name}/input_zero_point", np.int8)]
     quantize = helper.make_node(
-        "QuantizeLinear", [x, f"{name}/input_scale", f"{name}/input_zero_point"], [f"{name}/input_uint8"]
+        "QuantizeLinear", [x, f"{name}/input_scale", f"{name}/input_zero_point"], [f"{name}/input_int8"]
     )
-    nodes, more, out = _on_grid(f"{name}/input", f"{name}/input_uint8", bits)
+    nodes, more, out = _on_grid(f"{name}/input", f"{name}/input_int8", bits)
     return [quantize, *nodes], inits + more, out
 
 
 def _dequantize_output(name: str, x: str, out: str, bits: int) -> tuple[list, list]:
-    """Nodes dequantizing uint8 ``x`` (on ``<name>/output_scale``, zero point 128) into ``out``, b-bit grid first."""
+    """Nodes dequantizing int8 ``x`` (on ``<name>/output_scale``, zero point 0) into ``out``, b-bit grid first."""
     nodes, inits, x = _on_grid(f"{name}/output", x, bits)
     dequantize = helper.make_node("DequantizeLinear", [x, f"{name}/output_scale", f"{name}/output_zero_point"], [out])
     return [*nodes, dequantize], inits
@@ -151,7 +153,7 @@ def _integer_linear(node: onnx.NodeProto, quant: QuantLayer, bias_add: onnx.Node
 def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -> tuple[list, list]:
     """Nodes and initializers replacing a float ``Conv`` by QuantizeLinear + QLinearConv + DequantizeLinear.
 
-    Input, per-channel weights and output on our grids (uint8 with zero point 128 for activations);
+    Input, per-channel weights and output on our grids (int8, zero point 0);
     the bias is int32 on the grid of input scale x weight scale, as QLinearConv takes it.
     """
     name, bits = node.name, quant.act_bits
@@ -162,7 +164,7 @@ def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -
     inits += [
         numpy_helper.from_array(np.zeros(channels, np.int8), f"{name}/weight_zero_point"),
         _scalar(out_scale, f"{name}/output_scale"),
-        _scalar(128, f"{name}/output_zero_point", np.uint8),
+        _scalar(0, f"{name}/output_zero_point", np.int8),
     ]
     bias = ""
     if len(node.input) > 2 and node.input[2]:
@@ -183,30 +185,30 @@ def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -
             f"{name}/output_zero_point",
             bias,
         ],
-        [f"{name}/output_uint8"],
+        [f"{name}/output_int8"],
         name=name,
     )
     conv.attribute.extend(node.attribute)
-    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_uint8", node.output[0], bits)
+    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_int8", node.output[0], bits)
     return [*nodes, conv, *more_nodes], inits + more_inits
 
 
 def _integer_gelu(name: str, x: str, y: str, gelu: QuantGELU) -> tuple[list, list]:
     """Nodes and initializers of :class:`QuantGELU` from float ``x`` to float ``y``.
 
-    QuantizeLinear (``in_scale``), ``QLinearSigmoid`` (a lookup table on uint8, of 1.702 x, onto
-    k / 255), ``QLinearMul`` (x times the sigmoid, onto ``out_scale``), DequantizeLinear.
+    QuantizeLinear (``in_scale``), ``QLinearSigmoid`` (a lookup table on int8, of 1.702 x, onto
+    k / 255: int8 with zero point -128), ``QLinearMul`` (x times the sigmoid, onto ``out_scale``), DequantizeLinear.
     """
     in_scale, bits = float(gelu.in_scale), gelu.act_bits
     nodes, inits, x_q = _quantize_input(name, x, in_scale, bits)
     inits += [
         _scalar(SIGMOID_ALPHA * in_scale, f"{name}/sigmoid_input_scale"),
         _scalar(1 / SIGMOID_LEVELS, f"{name}/sigmoid_scale"),
-        _scalar(0, f"{name}/sigmoid_zero_point", np.uint8),
+        _scalar(-128, f"{name}/sigmoid_zero_point", np.int8),
         _scalar(float(gelu.out_scale), f"{name}/output_scale"),
-        _scalar(128, f"{name}/output_zero_point", np.uint8),
+        _scalar(0, f"{name}/output_zero_point", np.int8),
     ]
-    sigmoid = [f"{name}/sigmoid_uint8", f"{name}/sigmoid_scale", f"{name}/sigmoid_zero_point"]
+    sigmoid = [f"{name}/sigmoid_int8", f"{name}/sigmoid_scale", f"{name}/sigmoid_zero_point"]
     nodes += [
         helper.make_node(
             "QLinearSigmoid",
@@ -218,12 +220,12 @@ def _integer_gelu(name: str, x: str, y: str, gelu: QuantGELU) -> tuple[list, lis
             "QLinearMul",
             [x_q, f"{name}/input_scale", f"{name}/input_zero_point", *sigmoid]
             + [f"{name}/output_scale", f"{name}/output_zero_point"],
-            [f"{name}/output_uint8"],
+            [f"{name}/output_int8"],
             name=name,
             domain=ONNXRUNTIME_DOMAIN,
         ),
     ]
-    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_uint8", y, bits)
+    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_int8", y, bits)
     return nodes + more_nodes, inits + more_inits
 
 
@@ -280,7 +282,7 @@ def _integer_adds(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 
 def _fold_requantization(nodes: list[onnx.NodeProto], initializers: dict, outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop each DequantizeLinear -> QuantizeLinear pair on one grid: the uint8 tensor flows on as it is."""
+    """Drop each DequantizeLinear -> QuantizeLinear pair on one grid: the int8 tensor flows on as it is."""
     producer = {o: node for node in nodes for o in node.output}
 
     def same(a: str, b: str) -> bool:
@@ -365,7 +367,7 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str 
 
     The pair is what ``Predictor(model, backend="onnx", onnx_dir=out)`` runs.
     """
-    from tinysam.export import DECODER, ENCODER, export_decoder, export_encoder
+    from tinysam.models.onnx import DECODER, ENCODER, export_decoder, export_encoder
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,112 @@
+"""SAM-family models as ONNX graphs: the image encoder, SAM's ONNX decoder, and the decoder's input feed.
+
+The encoder takes the normalised, padded image ``(B, 3, S, S)`` and returns the image
+embedding. The decoder is SAM's ONNX decoder (``segment_anything.utils.onnx.SamOnnxModel``,
+the interface browser and edge deployments of SAM use) with every output kept: for N
+prompts of K points each (boxes as two corner points labelled 2 and 3, padding points
+labelled -1) it returns masks at the original image size (N, 4, H, W), IoU predictions
+(N, 4) and low-res logits (N, 4, 256, 256); output 0 is the single-mask output, 1-3 the
+multimask ones. N and K are dynamic. Writing and running them lives elsewhere
+(:mod:`tinysam.export`, :mod:`tinysam.backends`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.onnx import SamOnnxModel
+
+OPSET = 17
+ENCODER, DECODER, METADATA = "encoder.onnx", "decoder.onnx", "export.json"
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+
+
+def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, inputs, outputs, dynamic_axes) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on constant shapes
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def export_encoder(model: Sam, path: str | Path) -> Path:
+    """The image encoder as ONNX with a dynamic batch axis."""
+    size = model.image_encoder.img_size
+    path = Path(path)
+    dummy = torch.randn(1, 3, size, size)
+    axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}
+    _onnx_export(model.image_encoder.float().cpu().eval(), (dummy,), path, ["image"], ["image_embeddings"], axes)
+    return path
+
+
+def export_decoder(model: Sam, path: str | Path) -> Path:
+    """SAM's ONNX prompt encoder + mask decoder + upscaling, every output kept, prompts and points dynamic."""
+    path = Path(path)
+    wrapper = SamOnnxModel(model.float().cpu().eval(), return_single_mask=False)
+    emb_size = model.prompt_encoder.image_embedding_size
+    mask_side = 4 * emb_size[0]
+    dummy = (
+        torch.randn(1, model.prompt_encoder.embed_dim, *emb_size),
+        torch.randint(0, model.image_encoder.img_size, (2, 3, 2)).float(),
+        torch.tensor([[1, 0, -1], [2, 3, -1]], dtype=torch.float),
+        torch.zeros(2, 1, mask_side, mask_side),
+        torch.zeros(1),
+        torch.tensor([480.0, 640.0]),
+    )
+    axes = {
+        "point_coords": {0: "prompts", 1: "points"},
+        "point_labels": {0: "prompts", 1: "points"},
+        "mask_input": {0: "mask_prompts"},
+        "masks": {0: "prompts", 2: "height", 3: "width"},
+        "iou_predictions": {0: "prompts"},
+        "low_res_masks": {0: "prompts"},
+    }
+    _onnx_export(wrapper, dummy, path, DECODER_INPUTS, DECODER_OUTPUTS, axes)
+    return path
+
+
+def decoder_feed(
+    embeddings: np.ndarray,
+    points: np.ndarray | None,
+    labels: np.ndarray | None,
+    boxes: np.ndarray | None,
+    mask_input: np.ndarray | None,
+    original_size: tuple[int, int],
+    mask_side: int,
+) -> dict[str, np.ndarray]:
+    """Inputs of ``decoder.onnx`` for N prompts already in the model's input frame (as ``Predictor.decode``).
+
+    Like SAM's prompt encoder: boxes become two corner points labelled 2 and 3, and prompts
+    without a box get one padding point labelled -1.
+    """
+    n = next(len(a) for a in (points, boxes, mask_input) if a is not None)
+    coords = [np.zeros((n, 0, 2), np.float32)] if points is None else [points.astype(np.float32)]
+    kinds = [np.zeros((n, 0), np.float32)] if labels is None else [labels.astype(np.float32)]
+    if boxes is None:
+        coords.append(np.zeros((n, 1, 2), np.float32))
+        kinds.append(-np.ones((n, 1), np.float32))
+    else:
+        coords.append(boxes.reshape(n, 2, 2).astype(np.float32))
+        kinds.append(np.tile(np.array([[2, 3]], np.float32), (n, 1)))
+    has_mask = mask_input is not None
+    return {
+        "image_embeddings": embeddings.astype(np.float32),
+        "point_coords": np.concatenate(coords, axis=1),
+        "point_labels": np.concatenate(kinds, axis=1),
+        "mask_input": mask_input.astype(np.float32) if has_mask else np.zeros((1, 1, mask_side, mask_side), np.float32),
+        "has_mask_input": np.array([float(has_mask)], np.float32),
+        "orig_im_size": np.array(original_size, np.float32),
+    }
