@@ -8,7 +8,7 @@ of eager PyTorch, our fastest float path (onnxruntime) and the INT8 onnxruntime 
     python bench/quantization.py [--bits 8] [--candidates 100] [--runs 11]
 
 The INT8 model is what ``python quantize.py`` writes: linear layers in integer, the conv stage
-(patch embedding, MBConv blocks, patch merging) in int8 from end to end, the neck's
+(patch embedding, MBConv blocks, patch merging) in uint8 from end to end, the neck's
 convolutions in integer. The float and INT8 onnxruntime encoders run interleaved, so that machine
 drift affects both alike.
 """

@@ -253,7 +253,7 @@ def test_requantized_output_scale_is_searched_and_wrapping_checks_its_patterns(t
 
 def test_calibration_keeps_integer_chains_on_one_grid(toy_images):
     """In the conv stage every module whose input is a quantized output keeps that grid as its input scale
-    (so the ONNX model passes int8 along); the integer GELUs' own scales are searched."""
+    (so the ONNX model passes uint8 along); the integer GELUs' own scales are searched."""
     from tinysam.quant.run import INTEGER_GELU, REQUANTIZE
 
     model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
@@ -278,7 +278,7 @@ def test_calibration_keeps_integer_chains_on_one_grid(toy_images):
 def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_path):
     """The ONNX encoder runs every linear layer of the encoder as an integer GEMM, and the conv stage
     (patch embedding, MBConv blocks with their residual adds, patch merging) and the neck's
-    convolutions in int8; its embedding is the fake-quant model's with exactly those modules
+    convolutions in uint8; its embedding is the fake-quant model's with exactly those modules
     enabled, up to the model's own sensitivity to flipping one input level in 0.1% of the pixels (a
     rounding tie or the int32 bias flips a level, and the flip propagates)."""
     import onnx
@@ -302,7 +302,7 @@ def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_p
     assert ops.count("QLinearConv") == 10 and ops.count("QLinearSigmoid") == ops.count("QLinearMul") == 6
     assert ops.count("MatMulIntegerToFloat") == len(integer) - 16 > 10
     assert ops.count("QLinearAdd") == 1, "the MBConv residual"
-    # int8 from the image to the patch merging's output: one quantize in, one dequantize out
+    # uint8 from the image to the patch merging's output: one quantize in, one dequantize out
     assert ops.count("QuantizeLinear") == ops.count("MatMulIntegerToFloat") + 1 + 2  # + the neck's two inputs
     assert ops.count("DequantizeLinear") == 1 + 2
 

@@ -1,23 +1,24 @@
 """Real integer execution: the ONNX encoder with our quantized layers as integer kernels.
 
 Every linear layer of the image encoder becomes ``QuantizeLinear`` (our activation scale,
-int8 with zero point 0: the grid of our symmetric quantizer) followed by onnxruntime's
-``MatMulIntegerToFloat`` (int8 weights from our quantizer with our weight scale, the bias
-folded in, float output). That is exactly the fake-quant linear layer, run by an integer
+uint8 with zero point 128: the grid of our symmetric int8) followed by onnxruntime's
+``MatMulIntegerToFloat`` (the int8 weight levels of our quantizer with our weight scale, stored
+as uint8 with zero point 128, the bias folded in, float output). That is exactly the fake-quant linear layer, run by an integer
 GEMM. A requantized convolution (``wrap_model(requantize=...)``) becomes ``QuantizeLinear`` +
-``QLinearConv`` (per-channel int8 weights, int8 output on our output scale) +
+``QLinearConv`` (per-channel weight levels, output on our output scale) +
 ``DequantizeLinear``: exactly its fake-quant layer, which quantizes the output too. An
 integer GELU (:class:`~tinysam.quant.fake_quant.QuantGELU`) becomes ``QuantizeLinear`` +
 ``QLinearSigmoid`` + ``QLinearMul`` + ``DequantizeLinear``. Then every dequantize -> quantize
 pair on one grid goes (calibration gives a module whose input is a quantized output that grid),
 and an ``Add`` of two dequantized tensors whose sum is quantized becomes ``QLinearAdd``: TinyViT's
-conv stage (convolutions, GELUs, residual adds) runs in int8 from end to end.
-Activations are int8, not uint8: onnxruntime's uint8 x int8 kernels sum pairs of products in
-int16 on CPUs without VNNI (AVX2) and saturate there; its int8 x int8 kernels are exact everywhere.
+conv stage (convolutions, GELUs, residual adds) runs in uint8 from end to end.
 The other convolutions and the attention matmuls stay float in the ONNX model: a float
 convolution between float neighbours would pay a quantize and a dequantize pass and lose the
 activation that onnxruntime fuses into its float convolutions; attention matmuls have per-head
-scales that onnxruntime's integer matmuls cannot take.
+scales that onnxruntime's integer matmuls cannot take. Weights are stored as uint8 because
+onnxruntime computes uint8 x uint8 exactly on every x86 CPU, while its uint8 x int8 kernels
+saturate on CPUs without VNNI (AVX2: pairs of products summed in int16), and its int8 x int8
+kernels are exact but several times slower there.
 """
 
 from __future__ import annotations
@@ -82,44 +83,48 @@ def _scalar(value: float, name: str, dtype=np.float32) -> onnx.TensorProto:
 
 
 def _clip_to_grid(name: str, x: str, bits: int) -> tuple[list, list, str]:
-    """A Clip of int8 ``x`` (zero point 0) to the b-bit grid [-2^(b-1), 2^(b-1) - 1]."""
-    inits = [_scalar(-qmax(bits) - 1, f"{name}_min", np.int8), _scalar(qmax(bits), f"{name}_max", np.int8)]
+    """A Clip of uint8 ``x`` (zero point 128) to the b-bit grid [128 - 2^(b-1), 128 + 2^(b-1) - 1]."""
+    inits = [_scalar(128 - qmax(bits) - 1, f"{name}_min", np.uint8), _scalar(128 + qmax(bits), f"{name}_max", np.uint8)]
     return [helper.make_node("Clip", [x, f"{name}_min", f"{name}_max"], [f"{name}_clipped"])], inits, f"{name}_clipped"
 
 
 def _on_grid(name: str, x: str, bits: int) -> tuple[list, list, str]:
-    """``x`` (int8) itself at 8 bits; clipped to the b-bit grid below (integer kernels saturate at 8 bits only)."""
+    """``x`` (uint8) itself at 8 bits; clipped to the b-bit grid below (integer kernels saturate at 8 bits only)."""
     return ([], [], x) if bits == 8 else _clip_to_grid(name, x, bits)
 
 
 def _quantize_input(name: str, x: str, scale: float, bits: int) -> tuple[list, list, str]:
-    """Nodes, initializers and output name quantizing ``x`` to int8 (zero point 0) on the b-bit grid of ``scale``."""
-    inits = [_scalar(scale, f"{name}/input_scale"), _scalar(0, f"{name}/input_zero_point", np.int8)]
+    """Nodes, initializers and output name quantizing ``x`` to uint8 (zero point 128) on the b-bit grid of ``scale``."""
+    inits = [_scalar(scale, f"{name}/input_scale"), _scalar(128, f"{name}/input_zero_point", np.uint8)]
     quantize = helper.make_node(
-        "QuantizeLinear", [x, f"{name}/input_scale", f"{name}/input_zero_point"], [f"{name}/input_int8"]
+        "QuantizeLinear", [x, f"{name}/input_scale", f"{name}/input_zero_point"], [f"{name}/input_uint8"]
     )
-    nodes, more, out = _on_grid(f"{name}/input", f"{name}/input_int8", bits)
+    nodes, more, out = _on_grid(f"{name}/input", f"{name}/input_uint8", bits)
     return [quantize, *nodes], inits + more, out
 
 
 def _dequantize_output(name: str, x: str, out: str, bits: int) -> tuple[list, list]:
-    """Nodes dequantizing int8 ``x`` (on ``<name>/output_scale``, zero point 0) into ``out``, b-bit grid first."""
+    """Nodes dequantizing uint8 ``x`` (on ``<name>/output_scale``, zero point 128) into ``out``, b-bit grid first."""
     nodes, inits, x = _on_grid(f"{name}/output", x, bits)
     dequantize = helper.make_node("DequantizeLinear", [x, f"{name}/output_scale", f"{name}/output_zero_point"], [out])
     return [*nodes, dequantize], inits
 
 
-def _int8_weight(quant: QuantLayer, name: str, transpose: bool) -> list:
-    """The layer's int8 weight levels and their float scales as initializers ``<name>/weight_int8|scale``."""
-    levels = quantize(quant.layer.weight.detach(), quant.weight_scale, quant.weight_bits)
+def _uint8_weight(quant: QuantLayer, name: str, transpose: bool) -> list:
+    """The layer's weight levels as uint8 (zero point 128) with their float scales: ``<name>/weight_uint8|scale``.
+
+    Our int8 levels shifted by 128: uint8 x uint8 is the integer GEMM onnxruntime computes exactly on
+    every x86 CPU; its uint8 x int8 kernels sum pairs of products in int16 without VNNI and saturate.
+    """
+    levels = quantize(quant.layer.weight.detach(), quant.weight_scale, quant.weight_bits).to(torch.int16) + 128
     scale = quant.weight_scale.detach().flatten()
+    shape = () if scale.numel() == 1 else (-1,)
     return [
         numpy_helper.from_array(
-            (levels.T if transpose else levels).contiguous().numpy().astype(np.int8), f"{name}/weight_int8"
+            (levels.T if transpose else levels).contiguous().numpy().astype(np.uint8), f"{name}/weight_uint8"
         ),
-        numpy_helper.from_array(
-            scale.numpy().astype(np.float32).reshape(() if scale.numel() == 1 else -1), f"{name}/weight_scale"
-        ),
+        numpy_helper.from_array(scale.numpy().astype(np.float32).reshape(shape), f"{name}/weight_scale"),
+        numpy_helper.from_array(np.full(scale.numel(), 128, np.uint8).reshape(shape), f"{name}/weight_zero_point"),
     ]
 
 
@@ -127,7 +132,7 @@ def _integer_linear(node: onnx.NodeProto, quant: QuantLayer, bias_add: onnx.Node
     """Nodes and initializers replacing ``node`` (x @ W^T) by QuantizeLinear + MatMulIntegerToFloat."""
     name = node.name
     nodes, inits, x_q = _quantize_input(name, node.input[0], float(quant.act_scale), quant.act_bits)
-    inits += _int8_weight(quant, name, transpose=True)
+    inits += _uint8_weight(quant, name, transpose=True)
     bias = [i for i in bias_add.input if i != node.output[0]][0] if bias_add is not None else ""
     output = bias_add.output[0] if bias_add is not None else node.output[0]
     nodes.append(
@@ -135,11 +140,11 @@ def _integer_linear(node: onnx.NodeProto, quant: QuantLayer, bias_add: onnx.Node
             "MatMulIntegerToFloat",
             [
                 x_q,
-                f"{name}/weight_int8",
+                f"{name}/weight_uint8",
                 f"{name}/input_scale",
                 f"{name}/weight_scale",
                 f"{name}/input_zero_point",
-                "",
+                f"{name}/weight_zero_point",
                 bias,
             ],
             [output],
@@ -153,18 +158,16 @@ def _integer_linear(node: onnx.NodeProto, quant: QuantLayer, bias_add: onnx.Node
 def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -> tuple[list, list]:
     """Nodes and initializers replacing a float ``Conv`` by QuantizeLinear + QLinearConv + DequantizeLinear.
 
-    Input, per-channel weights and output on our grids (int8, zero point 0);
+    Input, per-channel weights and output on our grids (uint8 with zero point 128);
     the bias is int32 on the grid of input scale x weight scale, as QLinearConv takes it.
     """
     name, bits = node.name, quant.act_bits
     act_scale, out_scale = float(quant.act_scale), float(quant.out_scale)
     nodes, inits, x_q = _quantize_input(name, node.input[0], act_scale, bits)
-    inits += _int8_weight(quant, name, transpose=False)
-    channels = quant.layer.weight.shape[0]
+    inits += _uint8_weight(quant, name, transpose=False)
     inits += [
-        numpy_helper.from_array(np.zeros(channels, np.int8), f"{name}/weight_zero_point"),
         _scalar(out_scale, f"{name}/output_scale"),
-        _scalar(0, f"{name}/output_zero_point", np.int8),
+        _scalar(128, f"{name}/output_zero_point", np.uint8),
     ]
     bias = ""
     if len(node.input) > 2 and node.input[2]:
@@ -178,37 +181,37 @@ def _integer_conv(node: onnx.NodeProto, quant: QuantLayer, initializers: dict) -
             x_q,
             f"{name}/input_scale",
             f"{name}/input_zero_point",
-            f"{name}/weight_int8",
+            f"{name}/weight_uint8",
             f"{name}/weight_scale",
             f"{name}/weight_zero_point",
             f"{name}/output_scale",
             f"{name}/output_zero_point",
             bias,
         ],
-        [f"{name}/output_int8"],
+        [f"{name}/output_uint8"],
         name=name,
     )
     conv.attribute.extend(node.attribute)
-    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_int8", node.output[0], bits)
+    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_uint8", node.output[0], bits)
     return [*nodes, conv, *more_nodes], inits + more_inits
 
 
 def _integer_gelu(name: str, x: str, y: str, gelu: QuantGELU) -> tuple[list, list]:
     """Nodes and initializers of :class:`QuantGELU` from float ``x`` to float ``y``.
 
-    QuantizeLinear (``in_scale``), ``QLinearSigmoid`` (a lookup table on int8, of 1.702 x, onto
-    k / 255: int8 with zero point -128), ``QLinearMul`` (x times the sigmoid, onto ``out_scale``), DequantizeLinear.
+    QuantizeLinear (``in_scale``), ``QLinearSigmoid`` (a lookup table on uint8, of 1.702 x, onto
+    k / 255), ``QLinearMul`` (x times the sigmoid, onto ``out_scale``), DequantizeLinear.
     """
     in_scale, bits = float(gelu.in_scale), gelu.act_bits
     nodes, inits, x_q = _quantize_input(name, x, in_scale, bits)
     inits += [
         _scalar(SIGMOID_ALPHA * in_scale, f"{name}/sigmoid_input_scale"),
         _scalar(1 / SIGMOID_LEVELS, f"{name}/sigmoid_scale"),
-        _scalar(-128, f"{name}/sigmoid_zero_point", np.int8),
+        _scalar(0, f"{name}/sigmoid_zero_point", np.uint8),
         _scalar(float(gelu.out_scale), f"{name}/output_scale"),
-        _scalar(0, f"{name}/output_zero_point", np.int8),
+        _scalar(128, f"{name}/output_zero_point", np.uint8),
     ]
-    sigmoid = [f"{name}/sigmoid_int8", f"{name}/sigmoid_scale", f"{name}/sigmoid_zero_point"]
+    sigmoid = [f"{name}/sigmoid_uint8", f"{name}/sigmoid_scale", f"{name}/sigmoid_zero_point"]
     nodes += [
         helper.make_node(
             "QLinearSigmoid",
@@ -220,12 +223,12 @@ def _integer_gelu(name: str, x: str, y: str, gelu: QuantGELU) -> tuple[list, lis
             "QLinearMul",
             [x_q, f"{name}/input_scale", f"{name}/input_zero_point", *sigmoid]
             + [f"{name}/output_scale", f"{name}/output_zero_point"],
-            [f"{name}/output_int8"],
+            [f"{name}/output_uint8"],
             name=name,
             domain=ONNXRUNTIME_DOMAIN,
         ),
     ]
-    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_int8", y, bits)
+    more_nodes, more_inits = _dequantize_output(name, f"{name}/output_uint8", y, bits)
     return nodes + more_nodes, inits + more_inits
 
 
@@ -282,7 +285,7 @@ def _integer_adds(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 
 def _fold_requantization(nodes: list[onnx.NodeProto], initializers: dict, outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop each DequantizeLinear -> QuantizeLinear pair on one grid: the int8 tensor flows on as it is."""
+    """Drop each DequantizeLinear -> QuantizeLinear pair on one grid: the uint8 tensor flows on as it is."""
     producer = {o: node for node in nodes for o in node.output}
 
     def same(a: str, b: str) -> bool:

@@ -7,7 +7,7 @@ channel for convolutions and transposed convolutions, per layer for linear layer
 activation per layer; every attention gets per-head quantized matmuls (:mod:`tinysam.quant.attention`).
 Convolutions named by ``requantize`` also quantize their output (per layer), as the integer ONNX
 model runs them: int8 in, int8 out (``QLinearConv``). GELUs named by ``integer_gelu`` become
-:class:`QuantGELU`, a GELU on int8 values that the integer model runs without leaving int8.
+:class:`QuantGELU`, a GELU on int8 values that the integer model runs without leaving uint8.
 A disabled module computes in float (calibration passes).
 """
 
@@ -25,7 +25,7 @@ from tinysam.quant.quantizers import absmax_scale, check_bits, fake_quant
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 SIGMOID_ALPHA = 1.702  # GELU(x) ~ x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016)
-SIGMOID_LEVELS = 255  # the sigmoid's 8-bit grid: k / 255, k = 0..255 (int8 with zero point -128)
+SIGMOID_LEVELS = 255  # the sigmoid's uint8 grid: k / 255, k = 0..255
 
 
 def weight_axis(layer: nn.Module) -> int | None:
@@ -82,8 +82,8 @@ class QuantGELU(nn.Module):
 
     Input and output are on per-layer grids (``in_scale``, ``out_scale``). On int8 input the
     sigmoid is a 256-entry lookup table, so the integer model runs this GELU as onnxruntime's
-    ``QLinearSigmoid`` + ``QLinearMul`` without leaving int8; between requantized convolutions
-    on the same grids, a whole MBConv block runs in int8. Disabled, it is the exact GELU.
+    ``QLinearSigmoid`` + ``QLinearMul`` without leaving uint8; between requantized convolutions
+    on the same grids, a whole MBConv block runs in uint8. Disabled, it is the exact GELU.
     """
 
     def __init__(self, act_bits: int = 8) -> None:

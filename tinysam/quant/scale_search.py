@@ -8,7 +8,7 @@ one scale per channel (each channel's output depends on its own scale only). A r
 output scale is searched last, over the same kind of grid, on the quantized layer's output; an
 integer GELU's input scale, then its output scale, the same way. A module whose input is another
 module's quantized output keeps that grid as its input scale (``input_scale``), so that the
-integer model passes int8 from one to the other. dL/dO comes once from the float model on the
+integer model passes uint8 from one to the other. dL/dO comes once from the float model on the
 calibration set (:mod:`tinysam.quant.calibrate`).
 """
 
