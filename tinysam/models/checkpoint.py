@@ -73,7 +73,7 @@ def _torch_load(path: Path) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        if "global" in str(err).lower():  # the unpickler met a class or function: code, not tensors
             raise CheckpointError(
                 f"checkpoint {path} is a pickle that needs code to load (for example a whole pickled "
                 "module, as the official Q-TinySAM file is); tinysam only loads plain tensors: in the "
