@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from helpers import REPO, compose_config, run_script, run_script_ok, small_train_run
+from helpers import REPO, compose_config, run_python, run_script, run_script_ok, small_train_run
 from tinysam import build_student, build_teacher
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.distill.datamodule import DistillDataModule, collate_with_embeddings
@@ -196,3 +197,42 @@ def test_masks_are_chosen_anew_each_epoch(tmp_path):
     first, again, second = boxes_by_name(0), boxes_by_name(0), boxes_by_name(1)
     assert first == again, "an epoch's choice is reproducible"
     assert first.keys() == second.keys() and any(first[n] != second[n] for n in first), "another epoch, other masks"
+
+
+def test_same_command_gives_the_same_weights_whatever_the_threads_and_workers(tmp_path):
+    """The run pins its thread count (``threads``): a different OMP_NUM_THREADS and an extra DataLoader
+    worker change nothing, bit for bit (unpinned, the 1-thread run differs by ~1e-4 after 8 steps)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    runs = []
+    for root, env, workers in ((a, {"OMP_NUM_THREADS": "1"}, 0), (b, {}, 1)):
+        root.mkdir()
+        overrides = small_train_run(root, steps=8, every=100)
+        overrides = [o for o in overrides if not o.startswith("data.num_workers")] + [f"data.num_workers={workers}"]
+        code, out = run_python([str(REPO / "train.py"), "threads=2", *overrides], root, env=env)
+        assert code == 0, out[-3000:]
+        run = root / "outputs" / "train" / "toy_distill"
+        runs.append((load_file(run / "checkpoints" / "student.safetensors"), json.loads((run / "results.json").read_text())))
+    (wa, ra), (wb, rb) = runs
+    assert ra["threads"] == rb["threads"] == 2
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_layer_norm_weight_gradient_depends_on_the_thread_count():
+    """Why ``threads`` is pinned: PyTorch sums LayerNorm's weight gradient in per-thread chunks, so 1 and 2
+    threads round differently (within float32 rounding of the sum: relative 1e-5), while matmuls,
+    convolutions and their gradients are identical."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4096, 160), torch.ones(160)
+    weights = torch.linspace(0, 1, x.numel()).view_as(x)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            wn = w.clone().requires_grad_()
+            (torch.nn.functional.layer_norm(x, (160,), wn) * weights).sum().backward()
+            grads.append(wn.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(grads[0], grads[1])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-3)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -98,6 +99,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning's own use of a torch API that newer torch deprecates: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = Path(OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath") or output_dir / "checkpoints")
@@ -139,8 +142,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {}
     if datamodule.val_dirs:
         metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    metrics["data_wait_fraction"] = wait.fraction
+    metrics["data_wait_fraction"] = wait.fraction  # a timing: the one number that varies run to run
     metrics["global_step"] = trainer.global_step
+    metrics["threads"] = torch.get_num_threads()
     if trainer.is_global_zero:
         results = output_dir / "results.json"
         results.write_text(json.dumps(metrics, indent=1, sort_keys=True))
