@@ -254,3 +254,41 @@ def test_everything_refuses_annotations_of_other_images_and_counts_partial_cover
     code, out = run_python([*base, f"images={mine}"], tmp_path)
     assert code == 0, out[-3000:]
     assert "cover 1 of 2 images: only those are scored" in out and "class-agnostic mask AR (%) on 1 annotated" in out
+
+
+def test_more_bad_inputs_of_my_own_round(tmp_path):
+    """A few of the cases from the issue note's own round, at the level where they are decided."""
+    from tinysam.data.sa1b import find_pairs
+    from tinysam.distill.datamodule import DistillDataModule
+    from tinysam.io import check_writable
+    from tinysam.quant.artifact import load_quantized
+    from tinysam.quant.run import calibration_images
+
+    jsons = tmp_path / "jsons"
+    jsons.mkdir()
+    (jsons / "sa_1.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"holds no image with its JSON \(1 .json files, 0 images\)"):
+        find_pairs(jsons)
+    with pytest.raises(ValueError, match="calibration.count=0: calibrate on at least 1 image"):
+        calibration_images(jsons, 0)
+    with pytest.raises(ValueError, match="data.batch_size=0"):
+        DistillDataModule("toy", [], [], 256, batch_size=0)
+    (tmp_path / "quantized").mkdir()
+    (tmp_path / "quantized" / "quantization.json").write_text(json.dumps({"arch": "tinyvit_toy", "weight_bits": 8, "act_bits": 8}))
+    with pytest.raises(CheckpointError, match="lacks model.safetensors; re-run python quantize.py"):
+        load_quantized(tmp_path / "quantized")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        check_writable(tmp_path / "a_file" / "out")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([str(REPO / "train.py"), "student.checkpoint=missing.safetensors"], ["CheckpointError", "missing.safetensors"]),
+        (["-m", "tinysam.data.toyworld", "out=w", "n_train=-1"], ["n_train, n_val, stuff_regions >= 0"]),
+    ],
+    ids=["error-inside-hydra-instantiate", "toyworld-negative-count"],
+)
+def test_errors_raised_while_composing_are_one_line_too(tmp_path, args, expected):
+    fails_in_one_line([*args, f"paths.root_dir={tmp_path}"] if args[0].endswith(".py") else args, tmp_path, *expected)

@@ -23,23 +23,35 @@ def one_line_errors() -> Iterator[None]:
     ``python -m tinysam.*`` mains as the decorator ``@one_line_errors()``. It also checks the
     command line's value types and tidies the logs (:func:`tidy_logging`).
     """
-    from tinysam.data.coco import CocoFormatError
-    from tinysam.data.embedding_store import StoreError
-    from tinysam.data.transforms import ImageError
-    from tinysam.models.checkpoint import CheckpointError
+    from hydra.errors import InstantiationException
 
     tidy_logging()
     try:
         check_override_types()
         yield
-    except (CheckpointError, CocoFormatError, StoreError, ImageError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {type(err).__name__}: {_one_line(err)}") from None
-    except OSError as err:  # a read-only or full output folder, a permission: errno and file name say which
+    except Exception as err:
+        # Hydra wraps what a constructor raises (a missing checkpoint of a teacher, say): judge the cause
+        message = user_error(err.__cause__ if isinstance(err, InstantiationException) else err)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
+
+
+def user_error(err: BaseException | None) -> str | None:
+    """The one-line message of an error a user can fix, or ``None`` for a bug (which keeps its traceback).
+
+    Every tinysam error type (``CheckpointError``, ``StoreError``, ``CocoFormatError``, ``ImageError``,
+    ``PromptError``...) is a ``ValueError``; a missing file, a read-only or full folder is an ``OSError``.
+    """
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return f"error: {type(err).__name__}: {_one_line(err)}"
+    if isinstance(err, OSError):  # a read-only or full output folder, a permission: errno and file name say which
         where = f" ({err.filename})" if err.filename else ""
-        raise SystemExit(
+        return (
             f"error: {type(err).__name__}: {err.strerror or err}{where}; check that the folder is writable "
             "and its disk has space"
-        ) from None
+        )
+    return None
 
 
 def _one_line(err: BaseException) -> str:

@@ -21,6 +21,7 @@ from segment_anything.modeling import Sam
 
 from tinysam.config import one_line_errors
 from tinysam.data.transforms import list_images, load_image, model_input
+from tinysam.io import check_writable
 from tinysam.models.build import load_model
 from tinysam.models.onnx import DECODER, ENCODER, METADATA, OPSET, decoder_feed, export_decoder, export_encoder
 from tinysam.predictor import Predictor
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     images = list_images(args.images) if "images" in args else reference_images()
     if not images:
         raise SystemExit("export: no images to check the export on; pass images=<folder of images>")
+    check_writable(args.out)
     name = args.get("model", "tinyvit_5m")
     checkpoint = None if args.checkpoint == RANDOM else args.checkpoint
     if checkpoint is None:

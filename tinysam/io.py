@@ -27,3 +27,15 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail now, naming the folder, when ``folder`` (or the nearest parent that exists) is not writable.
+
+    Long stages call this before their work, so that a read-only output folder costs no calibration or training.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(13, "Permission denied: the output folder is not writable", str(folder))

@@ -87,12 +87,19 @@ def find_pairs(roots: str | Path | Sequence[str | Path]) -> tuple[list[tuple[Pat
             raise FileNotFoundError(
                 f"SA-1B folder {root} does not exist; pass data folders that hold sa_*.jpg + sa_*.json"
             )
+        found = len(pairs)
         for image in list_images(root):
             annotation = image.with_suffix(".json")
             if annotation.is_file():
                 pairs.append((image, annotation))
             else:
                 orphans.append(SkippedSample(str(image), f"no annotation: {annotation.name} is missing"))
+        if len(pairs) == found:
+            jsons = len(list(root.glob("*.json")))
+            raise FileNotFoundError(
+                f"SA-1B folder {root} holds no image with its JSON ({jsons} .json files, "
+                f"{len(list_images(root))} images); put each sa_*.jpg beside its sa_*.json"
+            )
     return pairs, orphans
 
 

@@ -330,6 +330,7 @@ def generate(cfg: ToyWorldConfig) -> Path:
         shutil.rmtree(out)  # a toy world of another config: regenerate it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a data set is shared like any other folder
     try:
         write_split(tmp / "train", "train", cfg.n_train, cfg)
         write_split(tmp / "val", "val", cfg.n_val, cfg)
@@ -357,8 +358,15 @@ def parse_config(argv: list[str]) -> ToyWorldConfig:
             f"toyworld: {err.__class__.__name__}: {str(err).splitlines()[0]}; valid keys: {', '.join(base)}"
         )
     cfg = OmegaConf.to_object(merged)
-    if cfg.image_size < 32 or cfg.min_objects < 1 or cfg.max_objects < cfg.min_objects or cfg.stuff_regions < 0:
-        raise SystemExit("toyworld: need image_size >= 32, 1 <= min_objects <= max_objects and stuff_regions >= 0")
+    if (
+        cfg.image_size < 32
+        or min(cfg.n_train, cfg.n_val, cfg.stuff_regions) < 0
+        or cfg.min_objects < 1
+        or cfg.max_objects < cfg.min_objects
+    ):
+        raise SystemExit(
+            "toyworld: need image_size >= 32, n_train, n_val, stuff_regions >= 0 and 1 <= min_objects <= max_objects"
+        )
     return cfg
 
 

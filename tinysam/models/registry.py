@@ -110,8 +110,15 @@ def _assemble(image_encoder: nn.Module, image_size: int, decoder: DecoderSpec, a
     return sam
 
 
-def unknown_architecture(name: str, registry: Iterable[str]) -> KeyError:
-    return KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(registry))}")
+class ArchitectureError(ValueError, KeyError):
+    """An architecture name the registry does not know (a ``KeyError`` of the registry, a user's ``ValueError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def unknown_architecture(name: str, registry: Iterable[str]) -> ArchitectureError:
+    return ArchitectureError(f"unknown architecture {name!r}; known: {', '.join(sorted(registry))}")
 
 
 def _resolve_size(spec_size: int, image_size: int | None) -> int:

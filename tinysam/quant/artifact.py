@@ -63,7 +63,12 @@ def load_quantized(path: str | Path) -> tuple[Sam, dict[str, Any]]:
         ) from None
     model = builder()
     layers = wrap_model(model, bits_w, bits_a, info.get("requantize", ()), info.get("integer_gelu", ()))
-    state = load_file(path / WEIGHTS)
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"quantized model folder {path} lacks {WEIGHTS}; re-run python quantize.py into it")
+    try:
+        state = load_file(path / WEIGHTS)
+    except Exception as err:  # any failure of the reader: a truncated or foreign file
+        raise CheckpointError(f"{path / WEIGHTS} is truncated or not safetensors ({err}); re-run python quantize.py") from None
     for name in info["quantized_layers"]:
         if f"{name}.weight_q" in state:
             levels = state.pop(f"{name}.weight_q")

@@ -16,6 +16,7 @@ from segment_anything.modeling import Sam
 from tinysam.data.toyworld import generate
 from tinysam.data.transforms import ImageError, list_images, load_image
 from tinysam.eval.data import progress, resolve_device
+from tinysam.io import check_writable
 from tinysam.models.build import load_model
 from tinysam.quant.artifact import save_quantized
 from tinysam.quant.calibrate import calibrate, collect
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 def calibration_images(folder: str | Path, count: int) -> tuple[list, list[str], Counter]:
     """The first ``count`` readable images of ``folder`` (an image folder or an SA-1B folder)."""
+    if count < 1:
+        raise ValueError(f"calibration.count={count}: calibrate on at least 1 image (the paper uses 8)")
     files = list_images(folder)
     if not files:
         raise FileNotFoundError(f"calibration folder {folder} holds no .jpg/.png images; pass calibration.images=DIR")
@@ -114,6 +117,7 @@ def quantize_model(
 def run(cfg: DictConfig) -> dict:
     """Quantize ``cfg.model`` from ``cfg.checkpoint`` and write ``cfg.out``; returns the recipe written."""
     weight_bits, act_bits = check_bits(cfg.weight_bits), check_bits(cfg.act_bits)
+    check_writable(cfg.out)
     if cfg.calibration.toyworld is not None:
         generate(instantiate(cfg.calibration.toyworld))
     images, names, skipped = calibration_images(cfg.calibration.images, cfg.calibration.count)
