@@ -44,9 +44,17 @@ def train(out: Path, variant: str, seed: int, val_every: int, extra: list[str]) 
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "stdout.log").open("a") as log:  # Hydra's own log of the run is train.log beside it
             subprocess.run(
-                [sys.executable, str(REPO / "train.py"), f"experiment={variant}", f"seed={seed}",
-                 f"hydra.run.dir={folder}", "logger=csv", f"trainer.val_check_interval={val_every}", "ckpt_path=auto",
-                 *extra],
+                [
+                    sys.executable,
+                    str(REPO / "train.py"),
+                    f"experiment={variant}",
+                    f"seed={seed}",
+                    f"hydra.run.dir={folder}",
+                    "logger=csv",
+                    f"trainer.val_check_interval={val_every}",
+                    "ckpt_path=auto",
+                    *extra,
+                ],
                 cwd=REPO,
                 check=True,
                 stdout=log,
@@ -75,7 +83,8 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> list[str]:
     """Markdown: mean ± std per variant and metric, then adjacent variants compared with their spread."""
     lines = [
         f"| variant ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | "
-        + " | ".join(f"{k} vs {ref}" for k, ref in COLUMNS) + " |",
+        + " | ".join(f"{k} vs {ref}" for k, ref in COLUMNS)
+        + " |",
         "|---|" + "---|" * len(COLUMNS),
     ]
     stats = {}
@@ -83,7 +92,11 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> list[str]:
         stats[variant] = {c: mean_std([r[f"val/{c[0]}_miou_{c[1]}"] for r in runs]) for c in COLUMNS}
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in stats[variant].values()]
         lines.append(f"| {VARIANTS[variant]} | " + " | ".join(cells) + " |")
-    lines += ["", "| step up | " + " | ".join(f"{k} vs {ref}" for k, ref in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines += [
+        "",
+        "| step up | " + " | ".join(f"{k} vs {ref}" for k, ref in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
     names = list(results)
     for a, b in zip(names, names[1:]):
         cells = []
@@ -127,10 +140,13 @@ def plot(out: Path, variants: list[str], seeds: list[int]) -> Path:
 
 def commit() -> str:
     """The commit the numbers are measured on (with ``-dirty`` when the tree has changes)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return git("rev-parse", "--short", "HEAD") + (
+        "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    )
 
 
 def main() -> None:
@@ -147,7 +163,11 @@ def main() -> None:
         for variant in args.variants:
             results.setdefault(variant, []).append(train(out, variant, seed, args.val_every, args.overrides))
     results = {v: results[v] for v in args.variants}
-    text = [f"Measured on commit `{commit()}`; overrides: {' '.join(args.overrides) or 'none'}.", "", *table(results, args.seeds)]
+    text = [
+        f"Measured on commit `{commit()}`; overrides: {' '.join(args.overrides) or 'none'}.",
+        "",
+        *table(results, args.seeds),
+    ]
     (out / "table.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     print(f"wrote {out / 'table.md'} and {plot(out, args.variants, args.seeds)}")

@@ -1,11 +1,12 @@
 """Quantization side by side in one run: float vs fake-quant (Hessian-guided and min-max) vs INT8 onnxruntime.
 
-Accuracy on the toy world (the shipped distilled toy student, calibrated on 8 training images,
-evaluated on the 16 validation images): box and 1-click mIoU against the float model and against
-ground truth. Speed and size at 1024 px (``tinyvit_5m``, the reference weights): encoder latency
-of eager PyTorch, our fastest float path (onnxruntime) and the INT8 onnxruntime encoder.
+Accuracy on the toy world (the shipped distilled toy student, calibrated on 8 training images
+drawn per seed from 64, evaluated on the 16 validation images): box and 1-click mIoU against the
+float model and against ground truth, mean ± std over the seeds. Speed and size at 1024 px
+(``tinyvit_5m``, the reference weights): encoder latency of eager PyTorch, our fastest float path
+(onnxruntime) and the INT8 onnxruntime encoder.
 
-    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 11]
+    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 11] [--seeds 0 1 2]
 
 The INT8 model is what ``python quantize.py`` writes: linear layers in integer, the conv stage
 (patch embedding, MBConv blocks, patch merging) in uint8 from end to end, the neck's
@@ -75,34 +76,48 @@ def mib(*paths: Path) -> float:
     return sum(p.stat().st_size for p in paths) / 2**20
 
 
+def seeded_accuracy(world: Path, student: Path, seed: int, args, tmp: Path) -> dict[str, dict[str, float]]:
+    """The accuracy rows for one seed: its 8 calibration images drawn from the world's training split."""
+    torch.manual_seed(seed)
+    train = list_images(world / "train")
+    pick = np.random.default_rng(seed).choice(len(train), size=8, replace=False)
+    calib = [load_image(train[i]) for i in sorted(pick)]
+    float_model = load_model("tinyvit_toy", student)
+    out = tmp / f"seed{seed}"
+    hessian = quantized("tinyvit_toy", student, calib, args.bits, "hessian", args.candidates, out / "hessian")
+    minmax = quantized("tinyvit_toy", student, calib, args.bits, "minmax", args.candidates, out / "minmax")
+    predictors = {
+        "float (eager)": Predictor(float_model),
+        "fake-quant, min-max": Predictor(minmax),
+        "fake-quant, Hessian-guided": Predictor(hessian),
+        "INT8 onnxruntime, Hessian-guided": Predictor(hessian, backend="onnx", onnx_dir=out / "hessian"),
+    }
+    val = CocoLayout(images=str(world / "val"), annotations=str(world / "val" / "instances.json"))
+    return accuracy(predictors, Predictor(float_model), val)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration sets (8 images each)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        world = generate(ToyWorldConfig(out=str(tmp / "toy"), n_train=8, n_val=16, seed=0))
-        calib = [load_image(p) for p in list_images(world / "train")[:8]]
+        world = generate(ToyWorldConfig(out=str(tmp / "toy"), n_train=64, n_val=16, seed=0))
         student = asset_path("toy_student.safetensors")
-        float_model = load_model("tinyvit_toy", student)
-        hessian = quantized("tinyvit_toy", student, calib, args.bits, "hessian", args.candidates, tmp / "hessian")
-        minmax = quantized("tinyvit_toy", student, calib, args.bits, "minmax", args.candidates, tmp / "minmax")
-        predictors = {
-            "float (eager)": Predictor(float_model),
-            "fake-quant, min-max": Predictor(minmax),
-            "fake-quant, Hessian-guided": Predictor(hessian),
-            "INT8 onnxruntime, Hessian-guided": Predictor(hessian, backend="onnx", onnx_dir=tmp / "hessian"),
-        }
-        val = CocoLayout(images=str(world / "val"), annotations=str(world / "val" / "instances.json"))
-        acc = accuracy(predictors, Predictor(float_model), val)
+        runs = [seeded_accuracy(world, student, seed, args, tmp) for seed in args.seeds]
+        acc = {name: {k: [r[name][k] for r in runs] for k in runs[0][name]} for name in runs[0]}
 
         # speed and size at 1024 px
         ref = REFERENCE / "tinysam_vit_t_seed0.safetensors"
         big = load_model("tinyvit_5m", ref if ref.is_file() else None)
-        photo = load_image(sorted((REFERENCE / "images").glob("*.jpg"))[0]) if REFERENCE.is_dir() else calib[0]
+        photo = (
+            load_image(sorted((REFERENCE / "images").glob("*.jpg"))[0])
+            if REFERENCE.is_dir()
+            else load_image(list_images(world / "train")[0])
+        )
         export_encoder(big, tmp / "float.onnx")
         quantized(
             "tinyvit_5m", ref if ref.is_file() else None, [photo], args.bits, "minmax", args.candidates, tmp / "big"
@@ -126,16 +141,28 @@ def main() -> None:
         }
 
     print(
-        f"W{args.bits}A{args.bits}; toy world: toy student, 8 calibration images, 16 validation images "
-        f"({torch.get_num_threads()} threads)"
+        f"W{args.bits}A{args.bits}; toy world: toy student, 8 calibration images drawn from 64 per seed "
+        f"(seeds {args.seeds}), 16 validation images; mean ± std over seeds ({torch.get_num_threads()} threads)"
     )
     kinds = list(next(iter(acc.values())))
     print("| model | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
     for name, values in acc.items():
-        print(f"| {name} | " + " | ".join(f"{values[k]:.3f}" for k in kinds) + " |")
-    loss = {k: 100 * (acc["float (eager)"][k] - acc["INT8 onnxruntime, Hessian-guided"][k]) for k in kinds if "GT" in k}
-    print(f"INT8 mIoU loss vs float, points: {loss} (target <= 1)")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{np.mean(values[k]):.3f} ± {np.std(values[k], ddof=1):.3f}" for k in kinds)
+            + " |"
+        )
+    loss = {
+        k: [100 * (f - q) for f, q in zip(acc["float (eager)"][k], acc["INT8 onnxruntime, Hessian-guided"][k])]
+        for k in kinds
+        if "GT" in k
+    }
+    print(
+        "INT8 mIoU loss vs float, points: "
+        + ", ".join(f"{k} {np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" for k, v in loss.items())
+        + " (target <= 1)"
+    )
     print(
         f"tinyvit_5m encoder at 1024 px, median of {args.runs}: eager {1000 * eager_s:.0f} ms, "
         f"onnxruntime float {1000 * ort_s:.0f} ms, onnxruntime INT8 {1000 * int8_s:.0f} ms; "

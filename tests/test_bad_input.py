@@ -99,7 +99,10 @@ def test_scripts_name_a_text_file_passed_as_checkpoint(tmp_path, script):
     "args, expected",
     [
         (["-m", "tinysam.export", "checkpoint=missing.pth", "model=tinyvit_toy", "out=onnx"], ["missing.pth", "fetch"]),
-        (["-m", "tinysam.export", "model=tinyvit_toy", "out=onnx"], ["checkpoint", "missing", "checkpoint=PATH|random"]),
+        (
+            ["-m", "tinysam.export", "model=tinyvit_toy", "out=onnx"],
+            ["checkpoint", "missing", "checkpoint=PATH|random"],
+        ),
         (["-m", "tinysam.data.toyworld", "out=blocker/world", "n_train=1", "n_val=0"], ["blocker", "writable"]),
         (["-m", "tinysam.data.embedding_store", "verify", "no_store"], ["no_store", "precompute"]),
     ],
@@ -218,8 +221,14 @@ def test_every_detection_dropped_fails_naming_the_reasons(tmp_path, val_world, t
     dets = _dets(val_world, transform)
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     fails_in_one_line(
-        [str(REPO / "evaluate.py"), f"dataset.images={val_world}", f"dataset.annotations={val_world / 'instances.json'}",
-         f"dataset.detections={tmp_path / 'dets.json'}", "dataset.toyworld=null", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            str(REPO / "evaluate.py"),
+            f"dataset.images={val_world}",
+            f"dataset.annotations={val_world / 'instances.json'}",
+            f"dataset.detections={tmp_path / 'dets.json'}",
+            "dataset.toyworld=null",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         tmp_path,
         f"every one of the {len(dets)} detections",
         f"{len(dets)} {reason}",
@@ -247,8 +256,14 @@ def test_everything_refuses_annotations_of_other_images_and_counts_partial_cover
     mine = tmp_path / "mine"
     mine.mkdir()
     Image.fromarray(np.full((64, 80, 3), 90, np.uint8)).save(mine / "holiday.jpg")
-    base = [str(REPO / "evaluate.py"), "task=everything", "dataset.toyworld=null", "task.generator.points_per_side=4",
-            f"annotations={val_world / 'instances.json'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    base = [
+        str(REPO / "evaluate.py"),
+        "task=everything",
+        "dataset.toyworld=null",
+        "task.generator.points_per_side=4",
+        f"annotations={val_world / 'instances.json'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     fails_in_one_line([*base, f"images={mine}"], tmp_path, "names none of the 1 images", "annotations=null")
     shutil.copy(next(val_world.glob("*.jpg")), mine)
     code, out = run_python([*base, f"images={mine}"], tmp_path)
@@ -274,7 +289,9 @@ def test_more_bad_inputs_of_my_own_round(tmp_path):
     with pytest.raises(ValueError, match="data.batch_size=0"):
         DistillDataModule("toy", [], [], 256, batch_size=0)
     (tmp_path / "quantized").mkdir()
-    (tmp_path / "quantized" / "quantization.json").write_text(json.dumps({"arch": "tinyvit_toy", "weight_bits": 8, "act_bits": 8}))
+    (tmp_path / "quantized" / "quantization.json").write_text(
+        json.dumps({"arch": "tinyvit_toy", "weight_bits": 8, "act_bits": 8})
+    )
     with pytest.raises(CheckpointError, match="lacks model.safetensors; re-run python quantize.py"):
         load_quantized(tmp_path / "quantized")
     (tmp_path / "a_file").write_text("")
@@ -285,7 +302,10 @@ def test_more_bad_inputs_of_my_own_round(tmp_path):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([str(REPO / "train.py"), "student.checkpoint=missing.safetensors"], ["CheckpointError", "missing.safetensors"]),
+        (
+            [str(REPO / "train.py"), "student.checkpoint=missing.safetensors"],
+            ["CheckpointError", "missing.safetensors"],
+        ),
         (["-m", "tinysam.data.toyworld", "out=w", "n_train=-1"], ["n_train, n_val, stuff_regions >= 0"]),
     ],
     ids=["error-inside-hydra-instantiate", "toyworld-negative-count"],

@@ -14,7 +14,6 @@ import re
 import shlex
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -23,7 +22,7 @@ from packaging.utils import canonicalize_name
 from helpers import REPO, run_python, small_train_run
 
 VENV_SEED = {"pip", "setuptools"}  # what `python3 -m venv` itself puts into a new environment
-GUARD = '''
+GUARD = """
 import importlib.abc, json, os, sys
 
 HIDDEN = set(json.loads(os.environ["TINYSAM_HIDDEN_MODULES"]))
@@ -37,7 +36,7 @@ class NotInstalledByTheQuickStart(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, NotInstalledByTheQuickStart())
-'''
+"""
 # Cut-down sizes: the same code paths in seconds instead of minutes.
 FASTER = {
     "train.py": lambda root: small_train_run(root, steps=2, every=100),
@@ -80,7 +79,8 @@ def hidden_modules() -> list[str]:
     return sorted(
         top
         for top, dists in metadata.packages_distributions().items()
-        if top != "tinysam" and top not in sys.stdlib_module_names
+        if top != "tinysam"
+        and top not in sys.stdlib_module_names
         and not any(canonicalize_name(d) in wanted for d in dists)
     )
 
@@ -103,7 +103,9 @@ def test_the_guard_hides_what_only_an_extra_brings(tmp_path, guarded):
     assert "pytest" in json.loads(guarded["TINYSAM_HIDDEN_MODULES"])  # dev extra only: hidden
     code, out = run_python(["-c", "import pytest"], tmp_path, env=guarded)
     assert code != 0 and "not installed by pip install -e ." in out
-    code, out = run_python(["-c", "import onnx, onnxruntime, lightning, hydra, segment_anything"], tmp_path, env=guarded)
+    code, out = run_python(
+        ["-c", "import onnx, onnxruntime, lightning, hydra, segment_anything"], tmp_path, env=guarded
+    )
     assert code == 0, out
 
 

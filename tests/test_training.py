@@ -211,7 +211,8 @@ def test_same_command_gives_the_same_weights_whatever_the_threads_and_workers(tm
         code, out = run_python([str(REPO / "train.py"), "threads=2", *overrides], root, env=env)
         assert code == 0, out[-3000:]
         run = root / "outputs" / "train" / "toy_distill"
-        runs.append((load_file(run / "checkpoints" / "student.safetensors"), json.loads((run / "results.json").read_text())))
+        weights = load_file(run / "checkpoints" / "student.safetensors")
+        runs.append((weights, json.loads((run / "results.json").read_text())))
     (wa, ra), (wb, rb) = runs
     assert ra["threads"] == rb["threads"] == 2
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -117,7 +117,8 @@ class DistillDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(
-                f"data.batch_size={batch_size} and data.num_workers={num_workers}: need batch_size >= 1, num_workers >= 0"
+                f"data.batch_size={batch_size} and data.num_workers={num_workers}: "
+                "need batch_size >= 1, num_workers >= 0"
             )
         self.name = name
         self.train_dirs, self.val_dirs = list(train_dirs), list(val_dirs)

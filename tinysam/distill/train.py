@@ -111,7 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         spec = teacher_store_spec(teacher, cfg.teacher.name, cfg.teacher.checkpoint, cfg.seed)
         # refuses a store made with another teacher, checkpoint or image size, naming the field
         EmbeddingStore(cfg.store_dir, spec.teacher, spec.image_size, spec.teacher_checkpoint_sha256)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the student's init must not depend on whether a store was just made
+    # the student's init must not depend on whether a store was just made
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     student = instantiate(cfg.student)
     for name, model in (("student", student), ("teacher", teacher)):
         if model is not None and model.image_encoder.img_size != cfg.data.image_size:

@@ -192,7 +192,9 @@ def evaluate(
     coco, dropped_annotations = load_coco_instances(dataset.annotations)
     detections = load_detections(dataset.detections, coco)
     segmenter = BoxSegmenter(Predictor(model), multimask=multimask, batch_size=batch_size)
-    seg = segment_detections(coco, detections, dataset.images_dir, segmenter) if len(detections) else SegmentationResults()
+    seg = SegmentationResults()
+    if len(detections):
+        seg = segment_detections(coco, detections, dataset.images_dir, segmenter)
     lost = detections.dropped + seg.skipped
     read = len(detections) + sum(detections.dropped.values())
     if read and not seg.results:

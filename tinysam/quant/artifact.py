@@ -68,7 +68,9 @@ def load_quantized(path: str | Path) -> tuple[Sam, dict[str, Any]]:
     try:
         state = load_file(path / WEIGHTS)
     except Exception as err:  # any failure of the reader: a truncated or foreign file
-        raise CheckpointError(f"{path / WEIGHTS} is truncated or not safetensors ({err}); re-run python quantize.py") from None
+        raise CheckpointError(
+            f"{path / WEIGHTS} is truncated or not safetensors ({err}); re-run python quantize.py"
+        ) from None
     for name in info["quantized_layers"]:
         if f"{name}.weight_q" in state:
             levels = state.pop(f"{name}.weight_q")

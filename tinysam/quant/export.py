@@ -3,10 +3,10 @@
 Every linear layer of the image encoder becomes ``QuantizeLinear`` (our activation scale,
 uint8 with zero point 128: the grid of our symmetric int8) followed by onnxruntime's
 ``MatMulIntegerToFloat`` (the int8 weight levels of our quantizer with our weight scale, stored
-as uint8 with zero point 128, the bias folded in, float output). That is exactly the fake-quant linear layer, run by an integer
-GEMM. A requantized convolution (``wrap_model(requantize=...)``) becomes ``QuantizeLinear`` +
-``QLinearConv`` (per-channel weight levels, output on our output scale) +
-``DequantizeLinear``: exactly its fake-quant layer, which quantizes the output too. An
+as uint8 with zero point 128, the bias folded in, float output). That is exactly the fake-quant
+linear layer, run by an integer GEMM. A requantized convolution (``wrap_model(requantize=...)``)
+becomes ``QuantizeLinear`` + ``QLinearConv`` (per-channel weight levels, output on our output
+scale) + ``DequantizeLinear``: exactly its fake-quant layer, which quantizes the output too. An
 integer GELU (:class:`~tinysam.quant.fake_quant.QuantGELU`) becomes ``QuantizeLinear`` +
 ``QLinearSigmoid`` + ``QLinearMul`` + ``DequantizeLinear``. Then every dequantize -> quantize
 pair on one grid goes (calibration gives a module whose input is a quantized output that grid),
