@@ -1,6 +1,6 @@
 """The toy distillation ablation over seeds: mean ± std per variant, learning curves, resumable.
 
-    python bench/ablation.py [--seeds 0 1 2] [--out outputs/ablation] [--val-every 100] [KEY=VALUE ...]
+    python bench/ablation.py [--seeds 0 1 2] [--out bench/results/ablation] [--val-every 100] [KEY=VALUE ...]
 
 Each (variant, seed) is one ``python train.py experiment=<variant> seed=<seed>`` in its own folder
 under ``--out`` (the toy world's seed stays 0: only the training seed varies). A run that was
@@ -9,6 +9,7 @@ stopped resumes from its last checkpoint (``ckpt_path=auto``); a finished one (i
 Extra ``KEY=VALUE`` overrides go to every run (more steps, more images). At the end it writes
 ``table.md`` (held-out mIoU, mean ± std over seeds, each adjacent pair of variants compared with
 the spread) and ``curves.png`` (student-vs-teacher mIoU against step, mean and a one-std band).
+The default folder is tracked by git except for checkpoints, so finished runs travel with the repository.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def commit() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "ablation")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ablation")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every run")
