@@ -43,6 +43,7 @@ def train(out: Path, variant: str, seed: int, val_every: int, extra: list[str]) 
     if not results.is_file():
         print(f"training {variant} seed {seed} -> {folder}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "commit.txt").write_text(commit() + "\n")  # the code this run measures
         with (folder / "stdout.log").open("a") as log:  # Hydra's own log of the run is train.log beside it
             subprocess.run(
                 [
@@ -156,22 +157,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ablation")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--report", action="store_true", help="no training: report the seeds every variant finished")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every run")
     args = parser.parse_args()
     out = args.out.resolve()
-    results = {}
-    for seed in args.seeds:  # seed-major: an interrupted bench has every variant at the same number of seeds
+    seeds = args.seeds
+    if args.report:
+        seeds = [s for s in seeds if all((run_dir(out, v, s) / "results.json").is_file() for v in args.variants)]
+        if not seeds:
+            raise SystemExit("ablation: no seed has finished every variant yet; run without --report")
+    results: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for seed in seeds:  # seed-major: an interrupted bench has every variant at the same number of seeds
         for variant in args.variants:
-            results.setdefault(variant, []).append(train(out, variant, seed, args.val_every, args.overrides))
-    results = {v: results[v] for v in args.variants}
+            results[variant].append(train(out, variant, seed, args.val_every, args.overrides))
+    commits = sorted({(run_dir(out, v, s) / "commit.txt").read_text().strip() for v in args.variants for s in seeds})
     text = [
-        f"Measured on commit `{commit()}`; overrides: {' '.join(args.overrides) or 'none'}.",
+        f"Measured on commit {', '.join(f'`{c}`' for c in commits)}; overrides: {' '.join(args.overrides) or 'none'}.",
         "",
-        *table(results, args.seeds),
+        *table(results, seeds),
     ]
     (out / "table.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
-    print(f"wrote {out / 'table.md'} and {plot(out, args.variants, args.seeds)}")
+    print(f"wrote {out / 'table.md'} and {plot(out, args.variants, seeds)}")
 
 
 if __name__ == "__main__":
