@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,26 @@ def fails_in_one_line(args: list[str], cwd: Path, *expected: str, timeout: float
     for text in expected:
         assert text in last, last
     return last
+
+
+HIDING_GUARD = """
+import importlib.abc, json, os, sys
+
+HIDDEN = set(json.loads(os.environ["TINYSAM_HIDDEN_MODULES"]))
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed by pip install -e .)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def hiding_env(folder: Path, modules: list[str]) -> dict[str, str]:
+    """Environment variables under which ``python`` cannot import ``modules``, as if they were not installed."""
+    (folder / "sitecustomize.py").write_text(HIDING_GUARD)
+    return {"PYTHONPATH": str(folder), "TINYSAM_HIDDEN_MODULES": json.dumps(sorted(modules))}

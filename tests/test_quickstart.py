@@ -19,24 +19,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from helpers import REPO, run_python, small_train_run
+from helpers import REPO, hiding_env, run_python, small_train_run
 
 VENV_SEED = {"pip", "setuptools"}  # what `python3 -m venv` itself puts into a new environment
-GUARD = """
-import importlib.abc, json, os, sys
-
-HIDDEN = set(json.loads(os.environ["TINYSAM_HIDDEN_MODULES"]))
-
-
-class NotInstalledByTheQuickStart(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
-            raise ModuleNotFoundError(f"No module named {name!r} (not installed by pip install -e .)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NotInstalledByTheQuickStart())
-"""
 # Cut-down sizes: the same code paths in seconds instead of minutes.
 FASTER = {
     "train.py": lambda root: small_train_run(root, steps=2, every=100),
@@ -88,9 +73,7 @@ def hidden_modules() -> list[str]:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory) -> dict:
     """Environment variables that hide every module the quick start's install does not bring."""
-    site = tmp_path_factory.mktemp("guard")
-    (site / "sitecustomize.py").write_text(GUARD)
-    return {"PYTHONPATH": str(site), "TINYSAM_HIDDEN_MODULES": json.dumps(hidden_modules())}
+    return hiding_env(tmp_path_factory.mktemp("guard"), hidden_modules())
 
 
 def test_the_quick_start_installs_the_core_dependencies_alone():

@@ -6,10 +6,13 @@ from tinysam.models.build import build_student, build_teacher  # noqa: E402
 from tinysam.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from tinysam.predictor import Predictor, PromptError  # noqa: E402
 from tinysam.everything import DenseMaskGenerator, HierarchicalMaskGenerator  # noqa: E402
+from tinysam.grounded import GroundedSegmenter, GroundingDino  # noqa: E402
 
 __all__ = [
     "CheckpointError",
     "DenseMaskGenerator",
+    "GroundedSegmenter",
+    "GroundingDino",
     "HierarchicalMaskGenerator",
     "Predictor",
     "PromptError",
