@@ -194,3 +194,35 @@ def test_the_cli_says_which_extra_or_detector_is_missing(tmp_path):
     )
     assert code != 0 and "Traceback" not in out
     assert out.strip().splitlines()[-1].endswith('text prompts need Hugging Face transformers: pip install "tinysam[grounded]"')
+
+
+def test_text_prompted_ap_scores_masks_and_the_detectors_boxes(detector_dir, tmp_path):
+    """evaluate.py task=coco_instances detector=grounding_dino: category names prompt the detector (SegInW)."""
+    world = generate(ToyWorldConfig(out=str(tmp_path / "w"), n_train=0, n_val=2))
+    instances = json.loads((world / "val" / "instances.json").read_text())
+    words = ["dog", "cat", "car", "red ball", "person", "frisbee"]  # the tiny vocabulary's words as category names
+    assert len(instances["categories"]) <= len(words)
+    instances["categories"] = [dict(c, name=n) for c, n in zip(instances["categories"], words)]
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    code, log = run_python(
+        [str(REPO / "evaluate.py"), "detector=grounding_dino", f"detector.folder={detector_dir}",
+         "detector.box_threshold=0.2", f"dataset.images={world / 'val'}",
+         f"dataset.annotations={tmp_path / 'instances.json'}", "dataset.detections=null", "dataset.toyworld=null",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+    )
+    assert code == 0, log[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["segm"]) == set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert metrics["protocol"]["boxes"] == "category names prompt the detector"
+    assert metrics["counts"]["segmented"] > 0 and "box AP (%) of the detector alone" in log
+    results = json.loads((tmp_path / "run" / "segm_results.json").read_text())
+    assert {r["category_id"] for r in results} <= {c["id"] for c in instances["categories"]}
+
+
+def test_phrases_map_to_categories():
+    from tinysam.grounded.coco import phrase_category
+
+    ids = {"dog": 1, "hot dog": 2, "cat": 3}
+    assert phrase_category("dog", ids) == 1 and phrase_category("hot dog", ids) == 2
+    assert phrase_category("big hot dog", ids) == 2 and phrase_category("catalog", ids) is None

@@ -146,12 +146,13 @@ def is_lvis(annotations: str | Path) -> bool:
     return bool(data.get("categories")) and "frequency" in data["categories"][0]
 
 
-def score_coco(coco: COCO, results: list[dict]) -> dict[str, float | None]:
-    """Mask AP in percent from pycocotools; ``None`` where no ground truth of that size exists."""
+def score_coco(coco: COCO, results: list[dict], iou_type: str = "segm") -> dict[str, float | None]:
+    """Mask (or, with ``iou_type="bbox"``, box) AP in percent from pycocotools; ``None`` where no ground truth
+    of that size exists."""
     if not results:
         return {name: 0.0 for name in METRICS}
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "segm")  # loadRes edits its input
+        evaluator = COCOeval(coco, coco.loadRes([dict(r) for r in results]), iou_type)  # loadRes edits its input
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -183,14 +184,32 @@ def metrics_table(metrics: dict[str, float | None]) -> str:
 
 
 def evaluate(
-    model: Sam, output_dir: str | Path, dataset: CocoLayout, multimask: bool = True, batch_size: int = 64
+    model: Sam,
+    output_dir: str | Path,
+    dataset: CocoLayout,
+    multimask: bool = True,
+    batch_size: int = 64,
+    detector=None,
 ) -> dict:
-    """Run the protocol on ``dataset``; write ``segm_results.json`` and ``metrics.json`` to ``output_dir``."""
-    if dataset.detections is None:
-        raise CocoFormatError("coco_instances needs detections: pass dataset.detections=<detector results JSON>")
+    """Run the protocol on ``dataset``; write ``segm_results.json`` and ``metrics.json`` to ``output_dir``.
+
+    The boxes come from ``dataset.detections``, or, with an open-set ``detector``
+    (:class:`~tinysam.grounded.detector.GroundingDino`), from prompting it with the set's category
+    names (SegInW's protocol); then the detector's own box AP is reported too.
+    """
+    if dataset.detections is None and detector is None:
+        raise CocoFormatError(
+            "coco_instances needs boxes: pass dataset.detections=<detector results JSON>, or detector=grounding_dino "
+            "to prompt an open-set detector with the category names"
+        )
     dataset.prepare()
     coco, dropped_annotations = load_coco_instances(dataset.annotations)
-    detections = load_detections(dataset.detections, coco)
+    if detector is None:
+        detections = load_detections(dataset.detections, coco)
+    else:
+        from tinysam.grounded.coco import text_detections
+
+        detections = text_detections(coco, dataset.images_dir, detector)
     segmenter = BoxSegmenter(Predictor(model), multimask=multimask, batch_size=batch_size)
     seg = SegmentationResults()
     if len(detections):
@@ -207,7 +226,12 @@ def evaluate(
     metrics = score_lvis(dataset.annotations, seg.results) if lvis else score_coco(coco, seg.results)
     report = {
         "segm": metrics,
-        "protocol": {"multimask": multimask, "score": "detection score", "lvis": lvis},
+        "protocol": {
+            "multimask": multimask,
+            "score": "detection score",
+            "lvis": lvis,
+            "boxes": "category names prompt the detector" if detector is not None else str(dataset.detections),
+        },
         "counts": {
             "detections_read": len(detections) + sum(detections.dropped.values()),
             "segmented": len(seg.results),
@@ -227,8 +251,21 @@ def evaluate(
         print(f"warning: {dataset.detections} holds no detections: every AP is 0")
     print(f"mask AP (%) on {dataset.annotations}, {len(seg.results)} masks, {skipped} detections skipped")
     print(metrics_table(metrics))
+    if detector is not None:  # what the detector alone scores, beside what the segmenter adds
+        report["bbox"] = score_coco(coco, box_results(detections), iou_type="bbox")
+        print(f"box AP (%) of the detector alone\n{metrics_table(report['bbox'])}")
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'segm_results.json'} and {out / 'metrics.json'}")
     return report
+
+
+def box_results(detections: DetectionSet) -> list[dict]:
+    """The detections as COCO box results (XYWH)."""
+    return [
+        {"image_id": d.image_id, "category_id": int(c), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)}
+        for d in detections.by_image.values()
+        for (x0, y0, x1, y1), s, c in zip(d.boxes_xyxy.tolist(), d.scores, d.category_ids)
+    ]
 
 
 def _reasons(counts: Counter) -> str:
