@@ -113,3 +113,11 @@ def test_unknown_backend_and_mask_only_onnx(toy_model, toy_onnx):
     p.set_image(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="point or box"):
         p.predict(mask_input=np.zeros((1, 64, 64)))
+
+
+def test_exporting_the_decoder_leaves_the_model_in_eval_mode(tmp_path, toy_student):
+    """torch.onnx.export restores the wrapper's training mode on the whole model: the wrapper must be in eval."""
+    from tinysam.models.onnx import export_decoder
+
+    export_decoder(toy_student, tmp_path / "decoder.onnx")
+    assert not any(m.training for m in toy_student.modules())

@@ -55,7 +55,8 @@ def export_encoder(model: Sam, path: str | Path) -> Path:
 def export_decoder(model: Sam, path: str | Path) -> Path:
     """SAM's ONNX prompt encoder + mask decoder + upscaling, every output kept, prompts and points dynamic."""
     path = Path(path)
-    wrapper = SamOnnxModel(model.float().cpu().eval(), return_single_mask=False)
+    # a fresh module trains by default, and torch.onnx.export restores that mode on the whole model afterwards
+    wrapper = SamOnnxModel(model.float().cpu().eval(), return_single_mask=False).eval()
     emb_size = model.prompt_encoder.image_embedding_size
     mask_side = 4 * emb_size[0]
     dummy = (
