@@ -85,8 +85,10 @@ def main() -> None:
             det = statistics.fmean(detector.seconds)
             seg = statistics.fmean(totals) - det
             rows.append((name, det, seg, masks / len(images)))
-    print(f"Grounded-SAM per image ({len(images)} images at 1024 px, {args.boxes} boxes each, "
-          f"{torch.get_num_threads()} threads; detector {'from ' + str(args.detector) if args.detector else 'random'})")
+    print(
+        f"Grounded-SAM per image ({len(images)} images at 1024 px, {args.boxes} boxes each, "
+        f"{torch.get_num_threads()} threads; detector {'from ' + str(args.detector) if args.detector else 'random'})"
+    )
     print("| segmenter | detector s | segmenter s | pipeline s | segmenter share | masks / image |")
     print("|---|---|---|---|---|---|")
     for name, det, seg, masks in rows:

@@ -34,16 +34,33 @@ def detector_dir(tmp_path_factory) -> Path:
     (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
     swin = transformers.SwinConfig(
-        image_size=224, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7,
+        image_size=224,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=7,
         out_features=["stage2", "stage3", "stage4"],
     )
     bert = transformers.BertConfig(
-        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=64,
     )
     config = transformers.GroundingDinoConfig(
-        backbone_config=swin, text_config=bert, d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, max_text_len=10,
+        backbone_config=swin,
+        text_config=bert,
+        d_model=32,
+        num_queries=20,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        max_text_len=10,
     )
     torch.manual_seed(0)
     transformers.GroundingDinoForObjectDetection(config).save_pretrained(folder)
@@ -158,9 +175,18 @@ def test_cli_labels_a_folder_as_coco_and_sa1b(detector_dir, tmp_path):
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "labels"
     code, log = run_python(
-        [str(REPO / "evaluate.py"), "task=grounded", "detector=grounding_dino", f"detector.folder={detector_dir}",
-         f"images={images}", "text=dog. cat.", f"out={out}", "model=tinyvit_toy",
-         f"checkpoint={REPO / 'tinysam' / 'assets' / 'toy_student.safetensors'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            str(REPO / "evaluate.py"),
+            "task=grounded",
+            "detector=grounding_dino",
+            f"detector.folder={detector_dir}",
+            f"images={images}",
+            "text=dog. cat.",
+            f"out={out}",
+            "model=tinyvit_toy",
+            f"checkpoint={REPO / 'tinysam' / 'assets' / 'toy_student.safetensors'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         tmp_path,
     )
     assert code == 0, log[-3000:]
@@ -180,20 +206,36 @@ def test_the_cli_says_which_extra_or_detector_is_missing(tmp_path):
         "task=grounded needs a detector: add detector=grounding_dino",
     )
     fails_in_one_line(
-        [str(REPO / "evaluate.py"), "task=grounded", "detector=grounding_dino", f"detector.folder={tmp_path / 'x'}",
-         "text=dog.", f"hydra.run.dir={tmp_path}"],
+        [
+            str(REPO / "evaluate.py"),
+            "task=grounded",
+            "detector=grounding_dino",
+            f"detector.folder={tmp_path / 'x'}",
+            "text=dog.",
+            f"hydra.run.dir={tmp_path}",
+        ],
         tmp_path,
         "DetectorError",
         "holds no config.json",
     )
 
     code, out = run_python(
-        [str(REPO / "evaluate.py"), "task=grounded", "detector=grounding_dino", "text=dog.", f"hydra.run.dir={tmp_path}"],
+        [
+            str(REPO / "evaluate.py"),
+            "task=grounded",
+            "detector=grounding_dino",
+            "text=dog.",
+            f"hydra.run.dir={tmp_path}",
+        ],
         tmp_path,
         env=hiding_env(tmp_path, ["transformers"]),
     )
     assert code != 0 and "Traceback" not in out
-    assert out.strip().splitlines()[-1].endswith('text prompts need Hugging Face transformers: pip install "tinysam[grounded]"')
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .endswith('text prompts need Hugging Face transformers: pip install "tinysam[grounded]"')
+    )
 
 
 def test_text_prompted_ap_scores_masks_and_the_detectors_boxes(detector_dir, tmp_path):
@@ -205,10 +247,17 @@ def test_text_prompted_ap_scores_masks_and_the_detectors_boxes(detector_dir, tmp
     instances["categories"] = [dict(c, name=n) for c, n in zip(instances["categories"], words)]
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     code, log = run_python(
-        [str(REPO / "evaluate.py"), "detector=grounding_dino", f"detector.folder={detector_dir}",
-         "detector.box_threshold=0.2", f"dataset.images={world / 'val'}",
-         f"dataset.annotations={tmp_path / 'instances.json'}", "dataset.detections=null", "dataset.toyworld=null",
-         f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            str(REPO / "evaluate.py"),
+            "detector=grounding_dino",
+            f"detector.folder={detector_dir}",
+            "detector.box_threshold=0.2",
+            f"dataset.images={world / 'val'}",
+            f"dataset.annotations={tmp_path / 'instances.json'}",
+            "dataset.detections=null",
+            "dataset.toyworld=null",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         tmp_path,
     )
     assert code == 0, log[-3000:]

@@ -86,7 +86,12 @@ def core_python(tmp_path_factory) -> str:
 
 def run_in(python: str, args: list[str], cwd: Path) -> tuple[int, str]:
     proc = subprocess.run(
-        [python, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        [python, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
         env={"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "HOME": str(cwd)},
     )
     return proc.returncode, proc.stdout
@@ -102,7 +107,9 @@ def test_the_core_environment_lacks_what_only_an_extra_brings(tmp_path, core_pyt
     for module in ("pytest", "transformers"):  # the dev and grounded extras
         code, out = run_in(core_python, ["-c", f"import {module}"], tmp_path)
         assert code != 0 and "No module named" in out
-    code, out = run_in(core_python, ["-c", "import onnx, onnxruntime, lightning, hydra, segment_anything, tinysam"], tmp_path)
+    code, out = run_in(
+        core_python, ["-c", "import onnx, onnxruntime, lightning, hydra, segment_anything, tinysam"], tmp_path
+    )
     assert code == 0, out
 
 

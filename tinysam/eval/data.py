@@ -82,6 +82,19 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
         yield from bar.track(items, total=total, description=description)
 
 
+def readable_images(files: list[Path], description: str, skipped: Counter) -> Iterator[tuple[int, Path, np.ndarray]]:
+    """``(index, path, rgb)`` of each file that loads, under a progress bar; an unreadable file is logged and
+    counted in ``skipped["unreadable image"]``, never fatal."""
+    for index, path in enumerate(progress(files, description)):
+        try:
+            rgb = load_image(path)
+        except ImageError as err:
+            log.warning("skipping: %s", err)
+            skipped["unreadable image"] += 1
+            continue
+        yield index, path, rgb
+
+
 @dataclass
 class Sa1bLayout:
     """A folder of SA-1B-layout pairs (``<id>.jpg`` + ``<id>.json`` with RLE masks)."""

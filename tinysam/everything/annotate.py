@@ -22,9 +22,9 @@ from segment_anything.modeling import Sam
 
 from tinysam.data.coco import CocoFormatError, load_coco_instances
 from tinysam.data.toyworld import ToyWorldConfig, generate
-from tinysam.data.transforms import ImageError, list_images, load_image
+from tinysam.data.transforms import list_images
 from tinysam.eval.coco_instances import metrics_table, score_proposals
-from tinysam.eval.data import progress
+from tinysam.eval.data import readable_images
 from tinysam.everything.hierarchical import DenseMaskGenerator, HierarchicalMaskGenerator
 from tinysam.io import atomic_write_bytes
 
@@ -89,13 +89,7 @@ def annotate(
     skipped: Counter = Counter()
     prompts: Counter = Counter()
     results, scored_ids, n_masks = [], [], 0
-    for index, path in enumerate(progress(files, f"segmenting everything ({mode})")):
-        try:
-            rgb = load_image(path)
-        except ImageError as err:
-            log.warning("skipping: %s", err)
-            skipped["unreadable image"] += 1
-            continue
+    for index, path, rgb in readable_images(files, f"segmenting everything ({mode})", skipped):
         masks = gen.generate(rgb)
         prompts.update({f"round_{i + 1}": n for i, n in enumerate(gen.prompts_per_round)})
         n_masks += len(masks)

@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 
-from tinysam.data.transforms import ImageError, list_images, load_image
-from tinysam.eval.data import progress
+from tinysam.data.transforms import list_images
+from tinysam.eval.data import readable_images
 from tinysam.everything.annotate import overlay
 from tinysam.grounded.detector import DetectorError
 from tinysam.grounded.segmenter import GroundedSegmenter, TextDetector
@@ -105,13 +105,8 @@ def annotate(
     categories: dict[str, int] = {}
     coco_images, coco_annotations = [], []
     skipped: Counter = Counter()
-    for image_id, path in enumerate(progress(files, "text-prompted segmentation"), start=1):
-        try:
-            rgb = load_image(path)
-        except ImageError as err:
-            log.warning("skipping: %s", err)
-            skipped["unreadable image"] += 1
-            continue
+    for index, path, rgb in readable_images(files, "text-prompted segmentation", skipped):
+        image_id = index + 1
         records = segmenter.segment(rgb, text)
         info = {"image_id": image_id, "file_name": path.name, "height": rgb.shape[0], "width": rgb.shape[1]}
         record = {"image": info, "text": text, "annotations": [sa1b_annotation(i, r) for i, r in enumerate(records)]}

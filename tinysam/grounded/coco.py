@@ -30,7 +30,9 @@ def phrase_category(phrase: str, ids_by_name: dict[str, int]) -> int | None:
     return ids_by_name[max(inside, key=len)] if inside else None
 
 
-def text_detections(coco: COCO, images_dir: str | Path, detector: TextDetector, nms_threshold: float = 0.5) -> DetectionSet:
+def text_detections(
+    coco: COCO, images_dir: str | Path, detector: TextDetector, nms_threshold: float = 0.5
+) -> DetectionSet:
     """Boxes for every image of ``coco`` from prompting ``detector`` with the set's category names.
 
     Boxes whose phrase names no category, and images that cannot be read, are counted in ``dropped``.

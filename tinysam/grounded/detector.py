@@ -2,9 +2,9 @@
 
 A caption ("dog. frisbee.") or a list of class names goes in; XYXY boxes in image pixels, the
 phrase each box matched (its tokens above the text threshold, without special tokens and periods;
-a box whose phrase is then empty names nothing and is dropped) and its score come out. A class list longer than the text encoder's
-token limit is split into captions that fit, each detected separately, and the results merged,
-so the 80 COCO or 1203 LVIS names work. Post-processing is the processor's own
+a box whose phrase is then empty names nothing and is dropped) and its score come out. A class
+list longer than the text encoder's token limit is split into captions that fit, each detected
+separately, and the results merged, so the 80 COCO or 1203 LVIS names work. Post-processing is the processor's own
 ``post_process_grounded_object_detection``.
 """
 
@@ -187,7 +187,10 @@ class GroundingDino:
             found = TextDetections(
                 result["boxes"].float().cpu().numpy().reshape(-1, 4),
                 result["scores"].float().cpu().numpy(),
-                [clean_phrase(str(label), self.processor.tokenizer.all_special_tokens) for label in result["text_labels"]],
+                [
+                    clean_phrase(str(label), self.processor.tokenizer.all_special_tokens)
+                    for label in result["text_labels"]
+                ],
             )
             parts.append(found.select(np.array([bool(p) for p in found.phrases], dtype=bool)))  # no phrase: no object
         return TextDetections.concat(parts)

@@ -80,7 +80,8 @@ class GroundedSegmenter:
         return kept
 
     def segment(self, image: np.ndarray | str | Path, text: str | Sequence[str]) -> list[dict[str, Any]]:
-        """One record per detected object: ``bbox_xyxy``, ``phrase``, ``score``, ``segmentation``, ``predicted_iou``, ``area``.
+        """One record per detected object: ``bbox_xyxy``, ``phrase``, ``score``, ``segmentation``,
+        ``predicted_iou`` and ``area``.
 
         ``text`` is a caption ("dog. frisbee.") or a list of class names. Every box of the image goes
         through the decoder in one call; a prompt that detects nothing gives an empty list.
