@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 from segment_anything.modeling import Sam
 
@@ -26,7 +27,7 @@ from tinysam.models.build import load_model
 from tinysam.models.onnx import DECODER, ENCODER, METADATA, OPSET, decoder_feed, export_decoder, export_encoder
 from tinysam.predictor import Predictor
 
-RANDOM = "random"  # checkpoint=random: export seeded random weights, said out loud
+RANDOM = "random"  # checkpoint=random: export random weights (seed 0), said out loud
 
 
 def check_against_torch(model: Sam, out: Path, images: list[Path]) -> dict[str, float]:
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = None if args.checkpoint == RANDOM else args.checkpoint
     if checkpoint is None:
         print(f"export: checkpoint=random: exporting randomly initialised {name} weights (for tests and timing only)")
+        torch.manual_seed(0)
     model = load_model(name, checkpoint)
     record = export(model, args.out, images, architecture=name, checkpoint=str(args.checkpoint))
     print(
