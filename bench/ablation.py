@@ -105,7 +105,10 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> list[str]:
         for c in COLUMNS:
             (ma, sa), (mb, sb) = stats[a][c], stats[b][c]
             spread = (sa**2 + sb**2) ** 0.5  # std of the difference of two single runs
-            verdict = "beyond 1 std" if abs(mb - ma) > spread else "**within noise**"
+            if len(seeds) < 2:
+                verdict = "one seed: spread unknown"
+            else:
+                verdict = "beyond 1 std" if abs(mb - ma) > spread else "**within noise**"
             cells.append(f"{100 * (mb - ma):+.1f} pt ({verdict}, 1 std = {100 * spread:.1f})")
         lines.append(f"| {VARIANTS[a]} -> {VARIANTS[b]} | " + " | ".join(cells) + " |")
     return lines
