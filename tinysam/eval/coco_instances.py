@@ -240,6 +240,8 @@ def evaluate(
             "dropped_annotations": dict(dropped_annotations),
         },
     }
+    if detector is not None:  # what the detector alone scores, beside what the segmenter adds
+        report["bbox"] = score_coco(coco, box_results(detections), iou_type="bbox")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "segm_results.json").write_text(json.dumps(seg.results))
@@ -251,10 +253,8 @@ def evaluate(
         print(f"warning: {dataset.detections} holds no detections: every AP is 0")
     print(f"mask AP (%) on {dataset.annotations}, {len(seg.results)} masks, {skipped} detections skipped")
     print(metrics_table(metrics))
-    if detector is not None:  # what the detector alone scores, beside what the segmenter adds
-        report["bbox"] = score_coco(coco, box_results(detections), iou_type="bbox")
+    if "bbox" in report:
         print(f"box AP (%) of the detector alone\n{metrics_table(report['bbox'])}")
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'segm_results.json'} and {out / 'metrics.json'}")
     return report
 
