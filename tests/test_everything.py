@@ -12,17 +12,27 @@ from pycocotools import mask as mask_utils
 from tinysam import DenseMaskGenerator, HierarchicalMaskGenerator, build_teacher
 from tinysam.assets import asset_path
 from tinysam.data.toyworld import ToyWorldConfig, generate
+from tinysam.data.transforms import load_image
 from tinysam.everything.annotate import annotate
 from tinysam.everything.base import grid_points, pixel_of
+from tinysam.everything.hierarchical import lattice_points
 
 H, W = 96, 160  # not square, on purpose
 
 
 class Scripted:
-    """Stands in for the decoder: every point gets the same three masks with the given logit maps."""
+    """Stands in for the decoder: every point gets the same three masks with the given logit map.
+
+    The map is at image size and upscaling is switched off, so a test controls each pixel.
+    """
 
     def __init__(self, logit_map: torch.Tensor, iou: float = 0.99):
         self.logit_map, self.iou, self.calls = logit_map, iou, []
+
+    def install(self, gen) -> Scripted:
+        gen._decode = self
+        gen.predictor.upscale = lambda logits: logits
+        return self
 
     def __call__(self, points: np.ndarray):
         self.calls.append(points.copy())
@@ -30,9 +40,9 @@ class Scripted:
         return self.logit_map.expand(n, 3, *self.logit_map.shape[-2:]).clone(), torch.full((n, 3), self.iou)
 
 
-def left_half_map() -> torch.Tensor:
-    logits = torch.full((H, W), -20.0)
-    logits[:, : W // 2] = 20.0
+def left_half_map(h: int = H, w: int = W) -> torch.Tensor:
+    logits = torch.full((h, w), -20.0)
+    logits[:, : w // 2] = 20.0
     return logits
 
 
@@ -41,42 +51,83 @@ def image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
 
 
-def test_round_two_prompts_exactly_the_points_outside_confident_pixels(toy_student, image):
-    gen = HierarchicalMaskGenerator(toy_student, points_per_side=16, points_per_batch=50)
-    gen._logits = Scripted(left_half_map())
-    records = gen.generate(image)
-    calls = gen._logits.calls
-    sparse = grid_points(4, (H, W))
-    np.testing.assert_allclose(np.concatenate(calls[:1]), sparse)  # 16 points fit one batch
-    round_two = np.concatenate(calls[1:])
-    dense = grid_points(16, (H, W))
-    np.testing.assert_allclose(round_two, dense[dense[:, 0] >= W // 2])
-    assert gen.prompts_per_round == [16, len(round_two)] and len(round_two) == 16 * 8
+def official_round_two(points_per_side: int, size: tuple[int, int], confident: np.ndarray) -> list[list[float]]:
+    """Round 2 as the official TinySAM code writes it, loop for loop, minus its out-of-image indexing."""
+    ih, iw = size
+    hstride, wstride = ih // points_per_side, iw // points_per_side
+    k = points_per_side // 4
+    out = []
+    for j in range(k):
+        for i in range(k):
+            x, y = (i + 0.5) / k * iw, (j + 0.5) / k * ih  # SAM's build_point_grid, scaled
+            candidates = [(x + wstride * dx, y + hstride * dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
+            if x + wstride * 2 < iw:
+                candidates += [(x + wstride * 2, y + hstride * dy) for dy in (-1, 0, 1)]
+            if y + hstride * 2 < ih:
+                candidates += [(x + wstride * dx, y + hstride * 2) for dx in (-1, 0, 1)]
+            if x + wstride * 2 < iw and y + hstride * 2 < ih:
+                candidates.append((x + wstride * 2, y + hstride * 2))
+            for cx, cy in candidates:
+                if 0 <= cx < iw and 0 <= cy < ih and not confident[int(cy), int(cx)]:
+                    out.append([cx, cy])
+    return out
+
+
+@pytest.mark.parametrize("size", [(200, 330), (330, 200), (97, 161)])
+def test_round_two_prompts_exactly_the_official_lattice_outside_confident_pixels(toy_student, size):
+    """A non-square image whose sides are not multiples of 32: the integer stride shifts the lattice."""
+    logits = left_half_map(*size)
+    logits[: size[0] // 3, size[1] // 2 :] = 9.0  # kept, above threshold 0 but below the confidence logit 8.5
+    gen = HierarchicalMaskGenerator(toy_student, points_per_side=32, points_per_batch=50)
+    script = Scripted(logits).install(gen)
+    rgb = np.zeros((*size, 3), dtype=np.uint8)
+    records = gen.generate(rgb)
+    sparse = grid_points(8, size)
+    np.testing.assert_array_equal(np.concatenate(script.calls[:2])[:64], sparse)
+    round_two = np.concatenate(script.calls)[64:]
+    expected = official_round_two(32, size, (logits > 8.5).numpy())
+    assert round_two.tolist() == expected  # the same points, bit for bit, in the same order
+    assert gen.prompts_per_round == [64, len(expected)] and 0 < len(expected) < 64 * 15
+    assert not np.isin(round_two.round(6), grid_points(32, size).round(6)).all(axis=1).any(), "not SAM's grid"
     assert len(records) == 1, "identical masks collapse to one under NMS"
-    assert records[0]["bbox"] == [0, 0, W // 2 - 1, H - 1] and records[0]["area"] == H * W // 2
 
 
-def test_nothing_confident_means_the_whole_dense_grid_and_an_empty_result(toy_student, image):
+def test_round_two_without_confident_pixels_is_fifteen_neighbours_a_point_inside_the_image(toy_student, image):
     gen = HierarchicalMaskGenerator(toy_student, points_per_side=8)
-    gen._logits = Scripted(torch.full((H, W), -20.0))
+    script = Scripted(torch.full((H, W), -20.0)).install(gen)
     assert gen.generate(image) == []
-    assert gen.prompts_per_round == [4, 64]
+    # 2x2 sparse points; the +2 neighbours of the right and bottom ones fall off the image
+    expected = official_round_two(8, (H, W), np.zeros((H, W), dtype=bool))
+    assert gen.prompts_per_round == [4, len(expected)] and np.concatenate(script.calls[1:]).tolist() == expected
+    assert len(expected) == 15 + 11 + 11 + 8  # +2 strides reach x = W or y = H on the right and bottom
     low_iou = HierarchicalMaskGenerator(toy_student, points_per_side=8)
-    low_iou._logits = Scripted(left_half_map(), iou=0.5)  # below pred_iou_thresh: not kept, not confident
-    assert low_iou.generate(image) == [] and low_iou.prompts_per_round == [4, 64]
+    Scripted(left_half_map(), iou=0.5).install(low_iou)  # below pred_iou_thresh: not kept, not confident
+    assert low_iou.generate(image) == [] and low_iou.prompts_per_round == [4, len(expected)]
 
 
 def test_everything_confident_skips_round_two(toy_student, image):
     gen = HierarchicalMaskGenerator(toy_student, points_per_side=8)
-    gen._logits = Scripted(torch.full((H, W), 20.0))
+    Scripted(torch.full((H, W), 20.0)).install(gen)
     assert len(gen.generate(image)) == 1 and gen.prompts_per_round == [4]
 
 
 def test_dense_prompts_the_full_grid_once(toy_student, image):
     gen = DenseMaskGenerator(toy_student, points_per_side=8, points_per_batch=10)
-    gen._logits = Scripted(left_half_map())
+    script = Scripted(left_half_map()).install(gen)
     assert len(gen.generate(image)) == 1 and gen.prompts_per_round == [64]
-    np.testing.assert_allclose(np.concatenate(gen._logits.calls), grid_points(8, (H, W)))
+    np.testing.assert_allclose(np.concatenate(script.calls), grid_points(8, (H, W)))
+
+
+@pytest.mark.parametrize("points_per_side", [1, 2, 3, 4, 5, 8, 13, 32, 64])
+def test_lattice_never_leaves_the_image(points_per_side):
+    for size in [(1, 1), (3, 500), (500, 3), (17, 23), (200, 330), (1024, 683)]:
+        sparse = grid_points(max(1, points_per_side // 4), size)
+        points = lattice_points(sparse, points_per_side, size)
+        assert len(points) <= 15 * len(sparse)
+        cols, rows = points.astype(np.int64).T
+        assert (rows >= 0).all() and (rows < size[0]).all() and (cols >= 0).all() and (cols < size[1]).all()
+    # points_per_side=2 on an even width: the official code would index column W (out of range) for x + 1 stride
+    assert lattice_points(np.array([[50.0, 50.0]]), 2, (100, 100)).tolist() == [[0.0, 0.0], [0.0, 50.0], [50.0, 0.0]]
 
 
 def test_grid_points_never_index_outside_the_image():
@@ -146,3 +197,38 @@ def test_annotate_folder_writes_sa1b_json_skips_bad_images_and_scores_ar(tmp_pat
         assert mask_utils.area(ann["segmentation"]) == ann["area"]
     assert report["masks"] > 0 and 0 < report["proposals"]["AR@100"] <= 100
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["proposals"] == report["proposals"]
+
+
+SAM_KWARGS = dict(points_per_side=16, points_per_batch=48, pred_iou_thresh=0.6, stability_score_thresh=0.8)
+
+
+@pytest.fixture(scope="module")
+def sam_run(tmp_path_factory):
+    """A toy image, the toy teacher and SAM's own generator's records for it (uncompressed RLE)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    out = tmp_path_factory.mktemp("sam_run")
+    world = generate(ToyWorldConfig(out=str(out / "w"), n_train=1, n_val=1, seed=3))
+    rgb = np.asarray(load_image(next((world / "val").glob("*.jpg"))))
+    model = build_teacher("vit_toy", asset_path("toy_teacher.safetensors"))
+    sam = SamAutomaticMaskGenerator(model, crop_n_layers=0, output_mode="uncompressed_rle", **SAM_KWARGS)
+    return model, rgb, sam.generate(rgb)
+
+
+@pytest.mark.parametrize("output_mode", ["binary_mask", "uncompressed_rle", "coco_rle"])
+def test_dense_returns_sam_automatic_mask_generator_records_exactly(sam_run, output_mode):
+    """The cheaper pipeline (IoU filter before upscaling, chunked, bulk RLE) changes no record."""
+    from segment_anything.utils.amg import coco_encode_rle, rle_to_mask
+
+    model, rgb, sam = sam_run
+    convert = {"binary_mask": rle_to_mask, "uncompressed_rle": lambda rle: rle, "coco_rle": coco_encode_rle}
+    ours = DenseMaskGenerator(model, upscale_chunk=5, output_mode=output_mode, **SAM_KWARGS).generate(rgb)
+    assert len(ours) == len(sam) > 3
+    for a, b in zip(ours, sam):
+        assert set(a) == set(b)
+        for key in a:
+            if key == "segmentation":
+                expected = convert[output_mode](b[key])
+                assert (a[key] == expected).all() if output_mode == "binary_mask" else a[key] == expected
+            else:
+                assert a[key] == b[key], key

@@ -13,18 +13,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     MaskData,
-    area_from_rle,
     batched_mask_to_box,
     box_xyxy_to_xywh,
     build_point_grid,
     calculate_stability_score,
-    coco_encode_rle,
     mask_to_rle_pytorch,
     remove_small_regions,
-    rle_to_mask,
 )
 from torchvision.ops.boxes import batched_nms
 
@@ -38,6 +36,12 @@ def grid_points(points_per_side: int, size: tuple[int, int]) -> np.ndarray:
     """SAM's evenly spaced ``points_per_side``² grid in pixel XY for an image of ``size`` (H, W)."""
     h, w = size
     return build_point_grid(points_per_side) * np.array([[w, h]], dtype=np.float64)
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """COCO RLEs (compressed) of boolean masks (N, H, W), in one pycocotools call."""
+    fortran = masks.transpose(1, 2).contiguous().cpu().numpy().view(np.uint8).transpose(2, 1, 0)  # (H, W, N)
+    return mask_utils.encode(fortran)
 
 
 def pixel_of(points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +66,9 @@ class MaskGenerator:
         box_nms_thresh: IoU of boxes above which the lower-scoring mask is suppressed.
         min_mask_region_area: remove holes and islands smaller than this (needs OpenCV, as in SAM).
         output_mode: ``binary_mask``, ``uncompressed_rle`` or ``coco_rle``.
+        upscale_chunk: masks upscaled to full resolution at a time (bounds peak memory).
+        backend, onnx_dir: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``compile``,
+            ``onnx``) and, for ``onnx``, a folder of exported or quantized (INT8) models.
     """
 
     def __init__(
@@ -76,17 +83,20 @@ class MaskGenerator:
         box_nms_thresh: float = 0.7,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        upscale_chunk: int = 16,
+        backend: str = "eager",
+        onnx_dir: str | Path | None = None,
     ) -> None:
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-        if points_per_side < 1 or points_per_batch < 1:
-            raise ValueError("points_per_side and points_per_batch must be >= 1")
+        if min(points_per_side, points_per_batch, upscale_chunk) < 1:
+            raise ValueError("points_per_side, points_per_batch and upscale_chunk must be >= 1")
         if min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401  (segment_anything's remove_small_regions uses it)
             except ImportError:
                 raise ImportError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python") from None
-        self.predictor = Predictor(model)
+        self.predictor = Predictor(model, backend, onnx_dir)
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -96,52 +106,62 @@ class MaskGenerator:
         self.box_nms_thresh = box_nms_thresh
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        self.upscale_chunk = upscale_chunk
         self.prompts_per_round: list[int] = []  # points decoded in each round of the last generate()
 
     def _rounds(self, size: tuple[int, int]) -> Iterator[np.ndarray]:
         """The points of each round (XY pixels); a generator may look at earlier rounds' results."""
         raise NotImplementedError
 
-    def _logits(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits at image size (N, 3, H, W) and predicted IoUs (N, 3) for single-point prompts."""
+    def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (N, 3, h, w) and predicted IoUs (N, 3) for single-point prompts (XY pixels)."""
         p = self.predictor
         coords = torch.as_tensor(p.transform.apply_coords(points, p.original_size), device=p.device)[:, None]
         labels = torch.ones(len(points), 1, dtype=torch.int, device=p.device)
-        low_res, iou = p.decode(points=coords, labels=labels, multimask_output=True)
-        return p.upscale(low_res), iou
+        return p.decode(points=coords, labels=labels, multimask_output=True)
 
     def _prompt(self, points: np.ndarray) -> tuple[MaskData, torch.Tensor]:
-        """Decode ``points`` in batches; return the masks passing the filters and where they are confident."""
+        """Decode ``points`` in batches; return the masks passing the filters and where they are confident.
+
+        The same masks as SAM's generator, for less work: the predicted-IoU filter runs on the
+        low-res logits, so only its survivors are upscaled to full resolution, ``upscale_chunk``
+        at a time (peak memory does not grow with the number of points), and only masks that
+        also pass the stability filter are thresholded and RLE-encoded, a chunk per C call.
+        """
         size = self.predictor.original_size
+        threshold = self.predictor.model.mask_threshold
         kept = MaskData()
         confident = torch.zeros(size, dtype=torch.bool, device=self.predictor.device)
         for start in range(0, len(points), self.points_per_batch):
             batch = points[start : start + self.points_per_batch]
-            logits, iou = self._logits(batch)
-            logits, iou = logits.flatten(0, 1), iou.flatten()
-            stability = calculate_stability_score(
-                logits, self.predictor.model.mask_threshold, self.stability_score_offset
-            )
-            keep = (iou >= self.pred_iou_thresh) & (stability >= self.stability_score_thresh)
-            logits = logits[keep]
-            if len(logits):
+            low_res, iou = self._decode(batch)
+            survivors = torch.nonzero(iou.flatten() > self.pred_iou_thresh)[:, 0]  # SAM's strict ">"
+            low_res = low_res.flatten(0, 1)[survivors]
+            for first in range(0, len(survivors), self.upscale_chunk):
+                chunk = survivors[first : first + self.upscale_chunk]
+                logits = self.predictor.upscale(low_res[first : first + self.upscale_chunk, None])[:, 0]
+                stability = calculate_stability_score(logits, threshold, self.stability_score_offset)
+                stable = stability >= self.stability_score_thresh  # NaN (an empty mask) is never stable
+                if not stable.any():
+                    continue
+                logits, chunk, stability = logits[stable], chunk[stable], stability[stable]
                 confident |= (logits > self.high_score_thresh).any(0)
-            masks = logits > self.predictor.model.mask_threshold
-            non_empty = masks.flatten(1).any(1)
-            masks = masks[non_empty]
-            data = MaskData(
-                rles=mask_to_rle_pytorch(masks),
-                boxes=batched_mask_to_box(masks).float(),
-                iou_preds=iou[keep][non_empty],
-                points=torch.as_tensor(np.repeat(batch, 3, axis=0))[keep.cpu()][non_empty.cpu()],
-                stability_score=stability[keep][non_empty],
-            )
-            kept.cat(data)
+                masks = logits > threshold
+                non_empty = masks.flatten(1).any(1)  # only when stability_score_thresh <= 0 can one be empty
+                masks, chunk, stability = masks[non_empty], chunk[non_empty], stability[non_empty]
+                chunk_cpu = chunk.cpu().numpy()
+                kept.cat(
+                    MaskData(
+                        rles=encode_masks(masks),
+                        boxes=batched_mask_to_box(masks).float(),
+                        iou_preds=iou.flatten()[chunk],
+                        points=torch.as_tensor(batch[chunk_cpu // 3]),
+                        stability_score=stability,
+                    )
+                )
         return kept, confident
 
     def _suppress(self, data: MaskData) -> MaskData:
-        if not len(data["iou_preds"]):
-            return data
         keep = batched_nms(
             data["boxes"].float(), data["iou_preds"], torch.zeros_like(data["boxes"][:, 0]), self.box_nms_thresh
         )
@@ -152,39 +172,40 @@ class MaskGenerator:
         """SAM's hole and island removal, then NMS again (preferring masks that were not changed)."""
         masks, scores = [], []
         for rle in data["rles"]:
-            mask, changed = remove_small_regions(rle_to_mask(rle), self.min_mask_region_area, "holes")
+            mask, changed = remove_small_regions(mask_utils.decode(rle).astype(bool), self.min_mask_region_area, "holes")
             mask, unchanged = remove_small_regions(mask, self.min_mask_region_area, "islands")
             masks.append(torch.as_tensor(mask))
             scores.append(float(not changed and unchanged))
         masks_ = torch.stack(masks)
         boxes = batched_mask_to_box(masks_)
         keep = batched_nms(boxes.float(), torch.as_tensor(scores), torch.zeros(len(boxes)), self.box_nms_thresh)
-        data["rles"] = mask_to_rle_pytorch(masks_)
+        data["rles"] = encode_masks(masks_)
         data["boxes"] = boxes
         data.filter(keep)
         return data
 
     def _records(self, data: MaskData, size: tuple[int, int]) -> list[dict[str, Any]]:
-        records = []
-        for i, rle in enumerate(data["rles"]):
-            if self.output_mode == "coco_rle":
-                segmentation: Any = coco_encode_rle(rle)
-            elif self.output_mode == "binary_mask":
-                segmentation = rle_to_mask(rle)
+        if self.output_mode == "coco_rle":
+            segmentations: list[Any] = [{"size": r["size"], "counts": r["counts"].decode("utf-8")} for r in data["rles"]]
+        else:
+            masks = [mask_utils.decode(rle).astype(bool) for rle in data["rles"]]
+            if self.output_mode == "binary_mask":
+                segmentations = masks
             else:
-                segmentation = rle
-            records.append(
-                {
-                    "segmentation": segmentation,
-                    "area": int(area_from_rle(rle)),
-                    "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
-                    "predicted_iou": float(data["iou_preds"][i]),
-                    "point_coords": [data["points"][i].tolist()],
-                    "stability_score": float(data["stability_score"][i]),
-                    "crop_box": [0, 0, size[1], size[0]],
-                }
-            )
-        return records
+                segmentations = mask_to_rle_pytorch(torch.as_tensor(np.stack(masks))) if masks else []
+        areas = mask_utils.area(data["rles"]) if len(data["rles"]) else []
+        return [
+            {
+                "segmentation": segmentation,
+                "area": int(areas[i]),
+                "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                "predicted_iou": float(data["iou_preds"][i]),
+                "point_coords": [data["points"][i].tolist()],
+                "stability_score": float(data["stability_score"][i]),
+                "crop_box": [0, 0, size[1], size[0]],
+            }
+            for i, segmentation in enumerate(segmentations)
+        ]
 
     @torch.inference_mode()
     def generate(self, image: np.ndarray | str | Path) -> list[dict[str, Any]]:
@@ -197,17 +218,23 @@ class MaskGenerator:
         self.predictor.set_image(rgb)
         size = rgb.shape[:2]
         self.prompts_per_round = []
-        data = MaskData()
+        per_round = []
         rounds = self._rounds(size)
         points = next(rounds)
         while True:
             self.prompts_per_round.append(len(points))
             round_data, confident = self._prompt(points)
-            data.cat(round_data)
+            per_round.append(round_data)
             try:
                 points = rounds.send(confident)
             except StopIteration:
                 break
+        data = MaskData()
+        for round_data in reversed(per_round):  # later rounds first, as the official TinySAM code merges them
+            if len(round_data.items()):
+                data.cat(round_data)
+        if "iou_preds" not in data._stats:
+            return []
         data = self._suppress(data)
         if self.min_mask_region_area > 0 and len(data["iou_preds"]):
             data = self._remove_small_regions(data)

@@ -7,7 +7,31 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from tinysam.everything.base import MaskGenerator, grid_points, pixel_of
+from tinysam.everything.base import MaskGenerator, grid_points
+
+# Round 2's offsets around a round-1 point, in strides, in the official code's order: the 3x3
+# block without its centre (x outer, y inner), then x + 2, then y + 2, then the corner (+2, +2).
+LATTICE_OFFSETS = np.array(
+    [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0)]
+    + [(2, dy) for dy in (-1, 0, 1)]
+    + [(dx, 2) for dx in (-1, 0, 1)]
+    + [(2, 2)],
+    dtype=np.float64,
+)
+
+
+def lattice_points(sparse: np.ndarray, points_per_side: int, size: tuple[int, int]) -> np.ndarray:
+    """Round 2's candidates: the 15 :data:`LATTICE_OFFSETS` neighbours of each ``sparse`` XY point.
+
+    The stride is the official code's integer one, ``(W // points_per_side, H // points_per_side)``
+    pixels, so the lattice sits half a dense cell off SAM's grid. Neighbours outside the image
+    (H, W) are dropped, never wrapped to the far border as negative indices would be.
+    """
+    h, w = size
+    stride = np.array([max(1, w // points_per_side), max(1, h // points_per_side)], dtype=np.float64)
+    points = (sparse[:, None, :] + LATTICE_OFFSETS[None] * stride).reshape(-1, 2)
+    inside = (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
+    return points[inside]
 
 
 class DenseMaskGenerator(MaskGenerator):
@@ -18,13 +42,18 @@ class DenseMaskGenerator(MaskGenerator):
 
 
 class HierarchicalMaskGenerator(MaskGenerator):
-    """TinySAM's two rounds: a sparse grid (``points_per_side / 4`` a side), then only the dense-grid
-    points outside the pixels that round 1's kept masks cover with a logit above ``high_score_thresh``."""
+    """TinySAM's two rounds, as the official implementation samples them.
+
+    Round 1 prompts a sparse grid (``points_per_side // 4`` a side). Round 2 prompts the
+    :func:`lattice_points` around each round-1 point, leaving out those on a pixel that a
+    round-1 mask covers with a logit above ``high_score_thresh``; no round 2 when all are.
+    """
 
     def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, torch.Tensor, None]:
-        confident = yield grid_points(max(1, self.points_per_side // 4), size)
-        dense = grid_points(self.points_per_side, size)
-        rows, cols = pixel_of(dense, size)
+        sparse = grid_points(max(1, self.points_per_side // 4), size)
+        confident = yield sparse
+        candidates = lattice_points(sparse, self.points_per_side, size)
+        cols, rows = candidates.astype(np.int64).T  # in the image, so truncation is the floor
         outside = ~confident.cpu().numpy()[rows, cols]
         if outside.any():
-            yield dense[outside]
+            yield candidates[outside]
