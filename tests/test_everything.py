@@ -144,7 +144,7 @@ def test_real_model_records_validate_at_any_aspect_ratio(size):
     model = build_teacher("vit_toy", asset_path("toy_teacher.safetensors"))
     rgb = np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)
     rgb[size[0] // 4 : size[0] // 2, size[1] // 4 : size[1] // 2] = (250, 20, 20)  # something to segment
-    kwargs = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.5)
+    kwargs = {"points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.5}
     binary = HierarchicalMaskGenerator(model, **kwargs).generate(rgb)
     again = HierarchicalMaskGenerator(model, **kwargs).generate(rgb)
     assert len(binary) > 0
@@ -186,7 +186,7 @@ def test_annotate_folder_writes_sa1b_json_skips_bad_images_and_scores_ar(tmp_pat
         mode="hierarchical",
         overlays=True,
         annotations=str(world / "val" / "instances.json"),
-        generator=dict(points_per_side=8, pred_iou_thresh=0.6, stability_score_thresh=0.8),
+        generator={"points_per_side": 8, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.8},
     )
     assert report["skipped"] == {"unreadable image": 1} and report["images"] == 3 and report["scored_images"] == 3
     written = sorted(p.name for p in (tmp_path / "masks").glob("*.json"))
@@ -199,7 +199,7 @@ def test_annotate_folder_writes_sa1b_json_skips_bad_images_and_scores_ar(tmp_pat
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["proposals"] == report["proposals"]
 
 
-SAM_KWARGS = dict(points_per_side=16, points_per_batch=48, pred_iou_thresh=0.6, stability_score_thresh=0.8)
+SAM_KWARGS = {"points_per_side": 16, "points_per_batch": 48, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.8}
 
 
 @pytest.fixture(scope="module")

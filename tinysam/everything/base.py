@@ -172,7 +172,9 @@ class MaskGenerator:
         """SAM's hole and island removal, then NMS again (preferring masks that were not changed)."""
         masks, scores = [], []
         for rle in data["rles"]:
-            mask, changed = remove_small_regions(mask_utils.decode(rle).astype(bool), self.min_mask_region_area, "holes")
+            mask, changed = remove_small_regions(
+                mask_utils.decode(rle).astype(bool), self.min_mask_region_area, "holes"
+            )
             mask, unchanged = remove_small_regions(mask, self.min_mask_region_area, "islands")
             masks.append(torch.as_tensor(mask))
             scores.append(float(not changed and unchanged))
@@ -186,7 +188,9 @@ class MaskGenerator:
 
     def _records(self, data: MaskData, size: tuple[int, int]) -> list[dict[str, Any]]:
         if self.output_mode == "coco_rle":
-            segmentations: list[Any] = [{"size": r["size"], "counts": r["counts"].decode("utf-8")} for r in data["rles"]]
+            segmentations: list[Any] = [
+                {"size": r["size"], "counts": r["counts"].decode("utf-8")} for r in data["rles"]
+            ]
         else:
             masks = [mask_utils.decode(rle).astype(bool) for rle in data["rles"]]
             if self.output_mode == "binary_mask":
