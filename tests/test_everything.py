@@ -9,10 +9,11 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from tinysam import DenseMaskGenerator, HierarchicalMaskGenerator, build_teacher
+from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator, build_teacher
 from tinysam.assets import asset_path
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import load_image
+from tinysam.everything.adaptive import grid_levels
 from tinysam.everything.annotate import annotate
 from tinysam.everything.base import grid_points, pixel_of
 from tinysam.everything.hierarchical import lattice_points
@@ -116,6 +117,39 @@ def test_dense_prompts_the_full_grid_once(toy_student, image):
     script = Scripted(left_half_map()).install(gen)
     assert len(gen.generate(image)) == 1 and gen.prompts_per_round == [64]
     np.testing.assert_allclose(np.concatenate(script.calls), grid_points(8, (H, W)))
+
+
+def test_grid_levels_partition_the_dense_grid_coarse_to_fine():
+    levels = grid_levels(32, 3)
+    assert [len(level) for level in levels] == [64, 256, 704]
+    assert sorted(np.concatenate(levels).tolist()) == list(range(1024))
+    rows, cols = np.divmod(levels[0], 32)
+    assert sorted(set(rows.tolist())) == sorted(set(cols.tolist())) == list(range(2, 32, 4))
+    assert [len(level) for level in grid_levels(5, 1)] == [25]
+    with pytest.raises(ValueError, match="n_levels"):
+        AdaptiveMaskGenerator(build_teacher("vit_toy"), points_per_side=2, n_levels=3)
+
+
+def test_adaptive_prompts_coarse_to_fine_only_where_nothing_is_covered(toy_student, image):
+    gen = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=1000)
+    script = Scripted(left_half_map()).install(gen)
+    assert len(gen.generate(image)) == 1
+    dense = grid_points(16, (H, W))
+    levels = grid_levels(16, 3)
+    right = dense[:, 0] >= W // 2  # the left half is covered once level 0 has run
+    expected = [dense[levels[0]], *(dense[level][right[level]] for level in levels[1:])]
+    assert len(script.calls) == 3 and gen.prompts_per_level == [len(e) for e in expected] == [16, 32, 88]
+    for call, points in zip(script.calls, expected):
+        np.testing.assert_array_equal(call, points)
+
+
+def test_adaptive_stops_as_soon_as_a_batch_covers_everything(toy_student, image):
+    gen = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=1)
+    script = Scripted(torch.full((H, W), 20.0)).install(gen)
+    assert len(gen.generate(image)) == 1 and gen.prompts_per_level == [1, 0, 0] and len(script.calls) == 1
+    nothing = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=100)
+    Scripted(torch.full((H, W), -20.0)).install(nothing)
+    assert nothing.generate(image) == [] and nothing.prompts_per_level == [16, 64, 176]
 
 
 @pytest.mark.parametrize("points_per_side", [1, 2, 3, 4, 5, 8, 13, 32, 64])

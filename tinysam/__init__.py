@@ -2,13 +2,14 @@
 
 __version__ = "0.1.0"
 
+from tinysam.everything import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator  # noqa: E402
+from tinysam.grounded import GroundedSegmenter, GroundingDino  # noqa: E402
 from tinysam.models.build import build_student, build_teacher  # noqa: E402
 from tinysam.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from tinysam.predictor import Predictor, PromptError  # noqa: E402
-from tinysam.everything import DenseMaskGenerator, HierarchicalMaskGenerator  # noqa: E402
-from tinysam.grounded import GroundedSegmenter, GroundingDino  # noqa: E402
 
 __all__ = [
+    "AdaptiveMaskGenerator",
     "CheckpointError",
     "DenseMaskGenerator",
     "GroundedSegmenter",

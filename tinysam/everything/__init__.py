@@ -1,5 +1,6 @@
-"""Segment everything: TinySAM's hierarchical point sampling and the dense-grid baseline."""
+"""Segment everything: the dense-grid baseline, TinySAM's hierarchical sampling and an adaptive sampler."""
 
+from tinysam.everything.adaptive import AdaptiveMaskGenerator
 from tinysam.everything.hierarchical import DenseMaskGenerator, HierarchicalMaskGenerator
 
-__all__ = ["DenseMaskGenerator", "HierarchicalMaskGenerator"]
+__all__ = ["AdaptiveMaskGenerator", "DenseMaskGenerator", "HierarchicalMaskGenerator"]

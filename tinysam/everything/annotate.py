@@ -25,12 +25,17 @@ from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images
 from tinysam.eval.coco_instances import metrics_table, score_proposals
 from tinysam.eval.data import readable_images
+from tinysam.everything.adaptive import AdaptiveMaskGenerator
 from tinysam.everything.hierarchical import DenseMaskGenerator, HierarchicalMaskGenerator
 from tinysam.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-GENERATORS = {"hierarchical": HierarchicalMaskGenerator, "dense": DenseMaskGenerator}
+GENERATORS = {
+    "hierarchical": HierarchicalMaskGenerator,
+    "dense": DenseMaskGenerator,
+    "adaptive": AdaptiveMaskGenerator,
+}
 
 
 def sa1b_record(file_name: str, image_id: int, size: tuple[int, int], masks: list[dict[str, Any]]) -> dict:
@@ -64,7 +69,7 @@ def annotate(
 ) -> dict:
     """Masks of everything in every image of ``images``, written to ``out``; returns a report.
 
-    ``mode`` is ``hierarchical`` (TinySAM) or ``dense`` (SAM's grid); ``generator`` holds the
+    ``mode`` is ``hierarchical`` (TinySAM), ``dense`` (SAM's grid) or ``adaptive``; ``generator`` holds the
     generator's keyword arguments; ``toyworld`` generates the toy world first (the default data).
     """
     if mode not in GENERATORS:
