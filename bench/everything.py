@@ -1,40 +1,48 @@
-"""Segment everything: the dense 32x32 grid vs TinySAM's hierarchical sampling, side by side in one run.
+"""Segment everything, side by side in one process: SAM's own generator, our dense, hierarchical and adaptive.
 
-On the same toy-world images with the same model: time per image, prompts decoded per round,
-masks kept, and agreement (share of dense masks that hierarchical recovers at mask IoU >= 0.9,
-and the reverse).
+    python bench/everything.py [--images 8] [--checkpoint PATH] [--speed-images 1] [--speed-side 1024] ...
 
-    python bench/everything.py [--model vit_toy] [--images 8] [--stuff-regions 0] [--pred-iou-thresh 0.88] ...
-    (default model: the shipped toy teacher; --checkpoint for another one)
+Part 1, toy world (256 px, ``--images`` validation images, ``--stuff-regions`` annotated background
+regions): every generator on every image, interleaved, on the same model (default: the shipped toy
+teacher). Per row: seconds per image, prompts per round, masks, recall of the dense masks (a dense
+mask counts when the row has one at mask IoU >= 0.9), class-agnostic mask AR@100 against the toy
+ground truth, and peak memory (resident-set growth during ``generate``). Hierarchical and adaptive
+run at each ``--high-score-thresh`` (the paper's Table 5 sweeps 7 / 8.5 / 10).
 
-``--stuff-regions K`` benches on a toy world whose backgrounds are split into annotated regions
-(every pixel in some mask, as in SA-1B), for a model trained on such worlds
-(``python train.py experiment=toy_teacher_stuff``).
+Part 2, speed (``--speed-images`` photos at ``--speed-side`` px, ``tinyvit_5m``): SAM's
+``SamAutomaticMaskGenerator(crop_n_layers=0)`` against our dense generator on the same model and
+thresholds (our eager path, and onnxruntime), with the share of masks matched at IoU >= 0.95 both ways. The student's weights are the
+reference state dict when ``../shared/reference`` is there, else seeded random ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
 
-from tinysam import DenseMaskGenerator, HierarchicalMaskGenerator
+from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
 from tinysam.assets import asset_path
+from tinysam.data.coco import load_coco_instances
 from tinysam.data.toyworld import ToyWorldConfig, generate
-from tinysam.data.transforms import load_image
+from tinysam.data.transforms import list_images, load_image
+from tinysam.eval.coco_instances import score_proposals
 from tinysam.models.build import load_model
 
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
-def recovered(reference: list[dict], candidates: list[dict], thresh: float = 0.9) -> tuple[int, int]:
+
+def recovered(reference: list[dict], candidates: list[dict], thresh: float) -> tuple[int, int]:
     """How many ``reference`` masks have a ``candidates`` mask at IoU >= ``thresh`` (of how many)."""
-    if not reference:
-        return 0, 0
-    if not candidates:
+    if not reference or not candidates:
         return 0, len(reference)
     ious = mask_utils.iou(
         [m["segmentation"] for m in reference], [m["segmentation"] for m in candidates], [0] * len(candidates)
@@ -42,74 +50,175 @@ def recovered(reference: list[dict], candidates: list[dict], thresh: float = 0.9
     return int((np.asarray(ious).max(axis=1) >= thresh).sum()), len(reference)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_toy")
-    parser.add_argument("--checkpoint", default=None, help="default: the shipped toy teacher for vit_toy")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--stuff-regions", type=int, default=0, help="annotated background regions per image")
-    parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
-    parser.add_argument("--high-score-thresh", type=float, default=8.5)
-    args = parser.parse_args()
-    checkpoint = args.checkpoint or (asset_path("toy_teacher.safetensors") if args.model == "vit_toy" else None)
-    torch.manual_seed(0)
-    model = load_model(args.model, checkpoint)
-    kwargs = dict(
-        points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        high_score_thresh=args.high_score_thresh,
-        output_mode="coco_rle",
-    )
-    generators = {
-        "dense": DenseMaskGenerator(model, **kwargs),
-        "hierarchical": HierarchicalMaskGenerator(model, **kwargs),
-    }
-    seconds = {name: 0.0 for name in generators}
-    prompts = {name: np.zeros(2) for name in generators}
-    masks = {name: 0 for name in generators}
-    found = {"dense in hierarchical": [0, 0], "hierarchical in dense": [0, 0]}
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def measured(fn: Callable[[], list[dict]]) -> tuple[list[dict], float, int]:
+    """``fn()``, its seconds and its peak resident-set growth in bytes (sampled every millisecond)."""
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes() - base)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        thread.join()
+    return out, seconds, peak[0]
+
+
+class Row:
+    """One generator's totals over the images of a part."""
+
+    def __init__(self, name: str, gen) -> None:
+        self.name, self.gen = name, gen
+        self.seconds, self.peak, self.masks, self.images = 0.0, 0, 0, 0
+        self.prompts: list[int] = []
+        self.found = [0, 0]
+        self.results: list[dict] = []
+
+    def run(self, rgb: np.ndarray, image_id: int) -> list[dict]:
+        records, seconds, peak = measured(lambda: self.gen.generate(rgb))
+        self.seconds, self.peak, self.images = self.seconds + seconds, max(self.peak, peak), self.images + 1
+        self.masks += len(records)
+        rounds = getattr(self.gen, "prompts_per_level", None) or getattr(self.gen, "prompts_per_round", None)
+        rounds = rounds or [len(self.gen.point_grids[0])]  # SAM's generator: its one grid
+        self.prompts += [0] * (len(rounds) - len(self.prompts))
+        for i, n in enumerate(rounds):
+            self.prompts[i] += n
+        self.results += [
+            {"image_id": image_id, "category_id": 1, "segmentation": m["segmentation"], "score": m["predicted_iou"]}
+            for m in records
+        ]
+        return records
+
+    def prompts_text(self) -> str:
+        return " + ".join(f"{p / self.images:.0f}" for p in self.prompts)
+
+
+def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
+    checkpoint = args.checkpoint or asset_path("toy_teacher.safetensors")
+    model = load_model("vit_toy", checkpoint)
+    rows = [
+        Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **kwargs)),
+        Row("dense", DenseMaskGenerator(model, **kwargs)),
+    ]
+    for high in args.high_score_thresh:
+        for name, cls in (("hierarchical", HierarchicalMaskGenerator), ("adaptive", AdaptiveMaskGenerator)):
+            rows.append(Row(f"{name} (high {high:g})", cls(model, high_score_thresh=high, **kwargs)))
     with tempfile.TemporaryDirectory() as tmp:
         world = ToyWorldConfig(
             out=str(Path(tmp) / "toy"), n_train=1, n_val=args.images, seed=0, stuff_regions=args.stuff_regions
         )
         val = generate(world) / "val"
-        for path in sorted(val.glob("*.jpg")):
+        coco = load_coco_instances(str(val / "instances.json"))[0]
+        ids = {img["file_name"]: i for i, img in coco.imgs.items()}
+        for path in list_images(val):
             rgb = load_image(path)
-            out = {}
-            for name, gen in generators.items():
-                start = time.perf_counter()
-                out[name] = gen.generate(rgb)
-                seconds[name] += time.perf_counter() - start
-                prompts[name][: len(gen.prompts_per_round)] += gen.prompts_per_round
-                masks[name] += len(out[name])
-            for key, (a, b) in {
-                "dense in hierarchical": ("dense", "hierarchical"),
-                "hierarchical in dense": ("hierarchical", "dense"),
-            }.items():
-                hit, total = recovered(out[a], out[b])
-                found[key][0] += hit
-                found[key][1] += total
-    n = args.images
+            out = {row.name: row.run(rgb, ids[path.name]) for row in rows}
+            for row in rows:
+                hit, total = recovered(out["dense"], out[row.name], 0.9)
+                row.found = [row.found[0] + hit, row.found[1] + total]
+        ar = {row.name: score_proposals(coco, row.results, list(ids.values()))["AR@100"] for row in rows}
+    n, dense = args.images, rows[1]
     print(
-        f"model {args.model} ({checkpoint or 'random weights'}), {n} toy images 256 px "
-        f"(stuff_regions={args.stuff_regions}), "
+        f"\nToy world, {n} images 256 px (stuff_regions={args.stuff_regions}), vit_toy {checkpoint}, "
         f"{torch.get_num_threads()} threads; {kwargs}"
     )
-    print("| mode | s / image | prompts round 1 / image | prompts round 2 / image | masks / image |")
-    print("|---|---|---|---|---|")
-    for name in generators:
-        r1, r2 = prompts[name] / n
-        print(f"| {name} | {seconds[name] / n:.3f} | {r1:.0f} | {r2:.0f} | {masks[name] / n:.1f} |")
-    share = {k: (h / t if t else float("nan")) for k, (h, t) in found.items()}
-    print(f"speed-up hierarchical vs dense: {seconds['dense'] / seconds['hierarchical']:.2f}x (target >= 1.8x)")
+    print("| generator | s / image | speed-up vs dense | prompts / image (per round) | masks / image "
+          "| dense masks recovered (IoU >= 0.9) | mask AR@100 vs GT | peak memory MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        hit, total = row.found
+        print(
+            f"| {row.name} | {row.seconds / n:.3f} | {dense.seconds / row.seconds:.2f}x | {row.prompts_text()} "
+            f"| {row.masks / n:.1f} | {hit / max(total, 1):.1%} ({hit}/{total}) | {ar[row.name]:.1f} "
+            f"| {row.peak / 2**20:.0f} |"
+        )
+
+
+def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
+    weights = REFERENCE / "tinysam_vit_t_seed0.safetensors"
+    model = load_model("tinyvit_5m", weights if weights.is_file() else None)
+    photos = sorted((REFERENCE / "images").glob("*.jpg"))[: args.speed_images] if REFERENCE.is_dir() else []
+    rng = np.random.default_rng(0)
+    images = [load_image(p) for p in photos] or [
+        rng.integers(0, 255, (args.speed_side, args.speed_side, 3), dtype=np.uint8) for _ in range(args.speed_images)
+    ]
+    speed_kwargs = {**kwargs, "points_per_side": args.speed_points, "pred_iou_thresh": args.speed_pred_iou_thresh}
+    rows = [
+        Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **speed_kwargs)),
+        Row("dense", DenseMaskGenerator(model, **speed_kwargs)),
+        Row("dense, backend=onnx", DenseMaskGenerator(model, backend="onnx", **speed_kwargs)),
+    ]
+    same, reverse = [0, 0], [0, 0]
+    for index, rgb in enumerate(images):
+        scale = args.speed_side / max(rgb.shape[:2])
+        if scale != 1:
+            from PIL import Image
+
+            size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+        sam, ours, _ = (row.run(rgb, index) for row in rows)
+        for acc, (a, b) in ((same, (sam, ours)), (reverse, (ours, sam))):
+            hit, total = recovered(a, b, 0.95)
+            acc[0], acc[1] = acc[0] + hit, acc[1] + total
+    n = len(images)
     print(
-        f"dense masks recovered by hierarchical (IoU >= 0.9): {share['dense in hierarchical']:.1%} "
-        f"({found['dense in hierarchical'][0]}/{found['dense in hierarchical'][1]}, target >= 95%); "
-        f"hierarchical masks found by dense: {share['hierarchical in dense']:.1%}"
+        f"\nSpeed: {n} image(s), longest side {args.speed_side} px, tinyvit_5m "
+        f"({'reference weights' if weights.is_file() else 'random weights'}), {torch.get_num_threads()} threads; "
+        f"{speed_kwargs}"
     )
+    print("| generator | s / image | speed-up | prompts / image | masks / image | peak memory MB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row.name} | {row.seconds / n:.2f} | {rows[0].seconds / row.seconds:.2f}x | {row.prompts_text()} "
+            f"| {row.masks / n:.1f} | {row.peak / 2**20:.0f} |"
+        )
+    print(
+        f"SAM's masks matched by ours at IoU >= 0.95: {same[0]}/{same[1]}; ours matched by SAM's: "
+        f"{reverse[0]}/{reverse[1]}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="a vit_toy model; default: the shipped toy teacher")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--stuff-regions", type=int, default=0, help="annotated background regions per image")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--points-per-batch", type=int, default=64)
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
+    parser.add_argument("--high-score-thresh", type=float, nargs="+", default=[7.0, 8.5, 10.0])
+    parser.add_argument("--speed-images", type=int, default=1, help="0 skips the speed part")
+    parser.add_argument("--speed-side", type=int, default=1024)
+    parser.add_argument("--speed-points", type=int, default=32)
+    parser.add_argument("--speed-pred-iou-thresh", type=float, default=0.88)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    kwargs = {
+        "points_per_side": args.points_per_side,
+        "points_per_batch": args.points_per_batch,
+        "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_score_thresh,
+        "output_mode": "coco_rle",
+    }
+    with torch.inference_mode():
+        if args.images:
+            toy_part(args, kwargs)
+        if args.speed_images:
+            speed_part(args, kwargs)
 
 
 if __name__ == "__main__":

@@ -266,3 +266,12 @@ def test_dense_returns_sam_automatic_mask_generator_records_exactly(sam_run, out
                 assert (a[key] == expected).all() if output_mode == "binary_mask" else a[key] == expected
             else:
                 assert a[key] == b[key], key
+
+
+def test_onnx_backend_serves_everything_mode_with_the_same_masks(sam_run):
+    model, rgb, _ = sam_run
+    eager = DenseMaskGenerator(model, output_mode="coco_rle", **SAM_KWARGS).generate(rgb)
+    onnx = DenseMaskGenerator(model, backend="onnx", output_mode="coco_rle", **SAM_KWARGS).generate(rgb)
+    assert len(eager) > 3 and abs(len(onnx) - len(eager)) <= 1
+    ious = mask_utils.iou([m["segmentation"] for m in eager], [m["segmentation"] for m in onnx], [0] * len(onnx))
+    assert (ious.max(axis=1) >= 0.95).mean() >= 0.95 and (ious.max(axis=0) >= 0.95).mean() >= 0.95
