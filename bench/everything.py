@@ -18,6 +18,7 @@ reference state dict when ``../shared/reference`` is there, else seeded random o
 from __future__ import annotations
 
 import argparse
+import ctypes
 import tempfile
 import threading
 import time
@@ -56,7 +57,12 @@ def rss_bytes() -> int:
 
 
 def measured(fn: Callable[[], list[dict]]) -> tuple[list[dict], float, int]:
-    """``fn()``, its seconds and its peak resident-set growth in bytes (sampled every millisecond)."""
+    """``fn()``, its seconds and its peak resident-set growth in bytes (sampled every millisecond).
+
+    Freed heap memory is handed back to the system first (glibc ``malloc_trim``), so that a row
+    does not look small only because it reuses what an earlier row freed.
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     base, peak, done = rss_bytes(), [0], threading.Event()
 
     def sample() -> None:
@@ -90,8 +96,7 @@ class Row:
         records, seconds, peak = measured(lambda: self.gen.generate(rgb))
         self.seconds, self.peak, self.images = self.seconds + seconds, max(self.peak, peak), self.images + 1
         self.masks += len(records)
-        rounds = getattr(self.gen, "prompts_per_level", None) or getattr(self.gen, "prompts_per_round", None)
-        rounds = rounds or [len(self.gen.point_grids[0])]  # SAM's generator: its one grid
+        rounds = getattr(self.gen, "prompts_per_stage", None) or [len(self.gen.point_grids[0])]  # SAM's: one grid
         self.prompts += [0] * (len(rounds) - len(self.prompts))
         for i, n in enumerate(rounds):
             self.prompts[i] += n

@@ -50,6 +50,11 @@ class AdaptiveMaskGenerator(MaskGenerator):
         self.n_levels = n_levels
         self.prompts_per_level: list[int] = []
 
+    @property
+    def prompts_per_stage(self) -> list[int]:
+        """Points decoded at each level of the last ``generate`` (its rounds are its batches)."""
+        return self.prompts_per_level
+
     def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, torch.Tensor, None]:
         points = grid_points(self.points_per_side, size)
         rows, cols = pixel_of(points, size)

@@ -96,7 +96,7 @@ def annotate(
     results, scored_ids, n_masks = [], [], 0
     for index, path, rgb in readable_images(files, f"segmenting everything ({mode})", skipped):
         masks = gen.generate(rgb)
-        prompts.update({f"round_{i + 1}": n for i, n in enumerate(gen.prompts_per_round)})
+        prompts.update({f"round_{i + 1}": n for i, n in enumerate(gen.prompts_per_stage)})
         n_masks += len(masks)
         image_id = ids_by_name.get(path.name, index)
         record = sa1b_record(path.name, image_id, rgb.shape[:2], masks)

@@ -109,6 +109,11 @@ class MaskGenerator:
         self.upscale_chunk = upscale_chunk
         self.prompts_per_round: list[int] = []  # points decoded in each round of the last generate()
 
+    @property
+    def prompts_per_stage(self) -> list[int]:
+        """Points decoded in each stage of the last ``generate`` (its rounds, unless a generator groups them)."""
+        return self.prompts_per_round
+
     def _rounds(self, size: tuple[int, int]) -> Iterator[np.ndarray]:
         """The points of each round (XY pixels); a generator may look at earlier rounds' results."""
         raise NotImplementedError
