@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
 from tinysam.assets import asset_path
@@ -167,12 +168,7 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
     ]
     same, reverse = [0, 0], [0, 0]
     for index, rgb in enumerate(images):
-        scale = args.speed_side / max(rgb.shape[:2])
-        if scale != 1:
-            from PIL import Image
-
-            size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+        rgb = ResizeLongestSide(args.speed_side).apply_image(rgb)  # SAM's own resize, longest side to speed_side
         sam, ours, _ = (row.run(rgb, index) for row in rows)
         for acc, (a, b) in ((same, (sam, ours)), (reverse, (ours, sam))):
             hit, total = recovered(a, b, 0.95)
