@@ -23,9 +23,7 @@ def grid_levels(points_per_side: int, n_levels: int = 3) -> list[np.ndarray]:
     levels = []
     for k in range(n_levels):
         step = 2 ** (n_levels - 1 - k)
-        on = ((rows % step) == step // 2) & ((cols % step) == step // 2) & ~taken
-        if k == n_levels - 1:
-            on = ~taken
+        on = ((rows % step) == step // 2) & ((cols % step) == step // 2) & ~taken  # step 1: all that is left
         levels.append(np.flatnonzero(on))
         taken |= on
     return levels

@@ -140,7 +140,8 @@ class MaskGenerator:
         for start in range(0, len(points), self.points_per_batch):
             batch = points[start : start + self.points_per_batch]
             low_res, iou = self._decode(batch)
-            survivors = torch.nonzero(iou.flatten() > self.pred_iou_thresh)[:, 0]  # SAM's strict ">"
+            iou = iou.flatten()
+            survivors = torch.nonzero(iou > self.pred_iou_thresh)[:, 0]  # SAM's strict ">"
             low_res = low_res.flatten(0, 1)[survivors]
             for first in range(0, len(survivors), self.upscale_chunk):
                 chunk = survivors[first : first + self.upscale_chunk]
@@ -159,7 +160,7 @@ class MaskGenerator:
                     MaskData(
                         rles=encode_masks(masks),
                         boxes=batched_mask_to_box(masks).float(),
-                        iou_preds=iou.flatten()[chunk],
+                        iou_preds=iou[chunk],
                         points=torch.as_tensor(batch[chunk_cpu // 3]),
                         stability_score=stability,
                     )
@@ -240,12 +241,11 @@ class MaskGenerator:
                 break
         data = MaskData()
         for round_data in reversed(per_round):  # later rounds first, as the official TinySAM code merges them
-            if len(round_data.items()):
-                data.cat(round_data)
-        if "iou_preds" not in data._stats:
+            data.cat(round_data)
+        if not len(data.items()):  # no round kept a mask
             return []
         data = self._suppress(data)
-        if self.min_mask_region_area > 0 and len(data["iou_preds"]):
+        if self.min_mask_region_area > 0:
             data = self._remove_small_regions(data)
         data.to_numpy()
         return self._records(data, size)
