@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,30 +25,34 @@ from tinysam.config import one_line_errors
 from tinysam.data.transforms import list_images, load_image, model_input
 from tinysam.io import check_writable
 from tinysam.models.build import load_model
-from tinysam.models.onnx import DECODER, ENCODER, METADATA, OPSET, decoder_feed, export_decoder, export_encoder
+from tinysam.models.onnx import DECODER, ENCODER, METADATA, decoder_feed, export_decoder, export_encoder, onnx_metadata
 from tinysam.predictor import Predictor
 
 RANDOM = "random"  # checkpoint=random: export random weights (seed 0), said out loud
 
 
-def check_against_torch(model: Sam, out: Path, images: list[Path]) -> dict[str, float]:
-    """Max abs difference of ONNX vs PyTorch embeddings, low-res logits and IoUs on ``images``."""
+def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarray]) -> dict[str, float]:
+    """Max abs difference of ONNX vs PyTorch embeddings, low-res logits and IoUs on ``images`` (files or RGB arrays).
+
+    The decoder is run on PyTorch's embeddings; the embeddings are compared when ``out`` holds an encoder.
+    """
     import onnx
     import onnxruntime as ort
 
-    for name in (ENCODER, DECODER):
+    names = [name for name in (ENCODER, DECODER) if (out / name).is_file()]
+    for name in names:
         onnx.checker.check_model(str(out / name), full_check=True)
-    encoder = ort.InferenceSession(str(out / ENCODER), providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(str(out / ENCODER), providers=["CPUExecutionProvider"]) if ENCODER in names else None
     decoder = ort.InferenceSession(str(out / DECODER), providers=["CPUExecutionProvider"])
     predictor = Predictor(model)
-    worst = {"embedding": 0.0, "low_res_logits": 0.0, "iou": 0.0}
-    for path in images:
-        rgb = load_image(path)
-        x = model_input(model, rgb)
-        ours = encoder.run(None, {"image": x[None].numpy()})[0]
+    worst = {"low_res_logits": 0.0, "iou": 0.0} | ({"embedding": 0.0} if encoder else {})
+    for image in images:
+        rgb = load_image(image) if isinstance(image, Path) else image
         predictor.set_image(rgb)
         ref = predictor.features.cpu().numpy()
-        worst["embedding"] = max(worst["embedding"], float(np.abs(ours - ref).max()))
+        if encoder is not None:
+            ours = encoder.run(None, {"image": model_input(model, rgb)[None].numpy()})[0]
+            worst["embedding"] = max(worst["embedding"], float(np.abs(ours - ref).max()))
         h, w = rgb.shape[:2]
         boxes = np.array([[w * 0.2, h * 0.2, w * 0.7, h * 0.8], [w * 0.5, h * 0.1, w * 0.9, h * 0.5]])
         points = np.array([[[w * 0.4, h * 0.5], [w * 0.6, h * 0.3]]] * 2)
@@ -65,32 +70,34 @@ def check_against_torch(model: Sam, out: Path, images: list[Path]) -> dict[str, 
     return worst
 
 
-def export(model: Sam, out: str | Path, images: list[Path], **metadata) -> dict:
+def export(
+    model: Sam, out: str | Path, images: Sequence[Path | np.ndarray], with_encoder: bool = True, **metadata
+) -> dict:
     """Write ``encoder.onnx``, ``decoder.onnx`` and ``export.json`` (with the check's differences) to ``out``.
 
-    Everything is written and checked in a temporary sibling folder first, so a failed export
-    leaves ``out`` as it was.
+    ``with_encoder=False`` writes the decoder alone (for a model whose embeddings are computed
+    elsewhere). Everything is written and checked in a temporary sibling folder first, so a
+    failed export leaves ``out`` as it was.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work = Path(tmp)
-        export_encoder(model, work / ENCODER)
+        names = [ENCODER, DECODER] if with_encoder else [DECODER]
+        if with_encoder:
+            export_encoder(model, work / ENCODER)
         export_decoder(model, work / DECODER)
         diffs = check_against_torch(model, work, images)
         record = {
-            "format": "tinysam-onnx",
-            "opset": OPSET,
-            "image_size": model.image_encoder.img_size,
-            "pixel_mean": model.pixel_mean.flatten().tolist(),
-            "pixel_std": model.pixel_std.flatten().tolist(),
+            **onnx_metadata(model),
             "max_abs_diff_vs_pytorch": diffs,
-            "checked_on": [p.name for p in images],
+            "checked_on": [p.name if isinstance(p, Path) else f"array {p.shape[1]}x{p.shape[0]}" for p in images],
+            "with_encoder": with_encoder,
             **metadata,
         }
         (work / METADATA).write_text(json.dumps(record, indent=2))
         out.mkdir(exist_ok=True)
-        for name in (ENCODER, DECODER, METADATA):
+        for name in (*names, METADATA):
             shutil.move(work / name, out / name)
     return record
 

@@ -42,6 +42,21 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, inputs, outpu
         )
 
 
+def onnx_metadata(model: Sam) -> dict:
+    """What a runtime needs besides the graphs: input size, normalisation, embedding and low-res mask shapes."""
+    emb_h, emb_w = model.prompt_encoder.image_embedding_size
+    return {
+        "format": "tinysam-onnx",
+        "opset": OPSET,
+        "image_size": model.image_encoder.img_size,
+        "pixel_mean": model.pixel_mean.flatten().tolist(),
+        "pixel_std": model.pixel_std.flatten().tolist(),
+        "mask_threshold": float(model.mask_threshold),
+        "embedding_shape": [model.prompt_encoder.embed_dim, emb_h, emb_w],
+        "mask_side": 4 * emb_h,
+    }
+
+
 def export_encoder(model: Sam, path: str | Path) -> Path:
     """The image encoder as ONNX with a dynamic batch axis."""
     size = model.image_encoder.img_size

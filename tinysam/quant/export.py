@@ -23,6 +23,7 @@ kernels are exact but several times slower there.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -366,11 +367,12 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer 
 
 
 def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str | Path) -> dict[str, str]:
-    """``encoder.onnx`` (integer layers with our scales) and ``decoder.onnx`` (float) of a calibrated model.
+    """``encoder.onnx`` (integer layers with our scales), ``decoder.onnx`` (float) and ``export.json`` (the
+    runtime metadata of :func:`~tinysam.models.onnx.onnx_metadata`) of a calibrated model.
 
     The pair is what ``Predictor(model, backend="onnx", onnx_dir=out)`` runs.
     """
-    from tinysam.models.onnx import DECODER, ENCODER, export_decoder, export_encoder
+    from tinysam.models.onnx import DECODER, ENCODER, METADATA, export_decoder, export_encoder, onnx_metadata
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,6 +390,7 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str 
             ops = integer_onnx(float_path, out / ENCODER, layers, "image_encoder")
     finally:
         float_path.unlink()
+    (out / METADATA).write_text(json.dumps(onnx_metadata(model), indent=2))
     return {
         "encoder": f"{ENCODER}: {ops['MatMulIntegerToFloat']} linear layers as MatMulIntegerToFloat, "
         f"{ops['QLinearConv']} convolutions as QLinearConv and {ops['QLinearSigmoid']} GELUs as QLinearSigmoid + "

@@ -1,0 +1,51 @@
+"""``python -m tinysam.demo``: export (or reuse) the ONNX model, serve the page, print its URL."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tinysam.assets import asset_path
+from tinysam.config import one_line_errors
+from tinysam.demo.bundle import prepare
+from tinysam.demo.server import DemoServer
+
+KEYS = ("checkpoint", "model", "quantized", "onnx", "encoder", "host", "port", "out")
+USAGE = (
+    "usage: python -m tinysam.demo [checkpoint=PATH model=NAME | quantized=DIR | onnx=DIR] "
+    "[encoder=browser|server] [host=127.0.0.1] [port=8000] [out=outputs/demo]"
+)
+
+
+@one_line_errors()
+def main(argv: list[str] | None = None) -> None:
+    args = OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
+    unknown = sorted(set(args) - set(KEYS))
+    sources = [key for key in ("checkpoint", "quantized", "onnx") if key in args]
+    if unknown or len(sources) > 1:
+        problem = f"unknown keys {unknown}" if unknown else f"give one of {' / '.join(sources)}"
+        raise SystemExit(f"demo: {problem}; {USAGE}")
+    if not sources:  # a fresh clone: the shipped distilled toy student
+        args.setdefault("checkpoint", asset_path("toy_student.safetensors"))
+        args.setdefault("model", "tinyvit_toy")
+    bundle = prepare(
+        args.get("checkpoint"),
+        args.get("model", "tinyvit_5m"),
+        args.get("quantized", args.get("onnx")),
+        args.get("encoder", "browser"),
+        Path(args.get("out", "outputs/demo")),
+    )
+    server = DemoServer(bundle, args.get("host", "127.0.0.1"), int(args.get("port", 8000)))
+    print(f"demo: serving {bundle.folder} (encoder in the {bundle.encoder_mode}) at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
