@@ -50,7 +50,7 @@ def read_folder(folder: str | Path, encoder_mode: str, what: str) -> Bundle:
     fix = "write it with python -m tinysam.export or python quantize.py"
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} does not exist; {fix}")
-    needed = [DECODER, METADATA] + ([ENCODER] if encoder_mode == "browser" else [])
+    needed = ([ENCODER] if encoder_mode == "browser" else []) + [DECODER, METADATA]
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{what} folder {folder} lacks {', '.join(missing)}; {fix}")

@@ -44,6 +44,10 @@ def routes(bundle: Bundle) -> dict[str, Path]:
     return table
 
 
+class ServerError(ValueError):
+    """A server that cannot start where asked; the message is one line naming the address and the fix."""
+
+
 class DemoServer(ThreadingHTTPServer):
     """Serves one bundle; ``url`` is where the page is."""
 
@@ -60,9 +64,7 @@ class DemoServer(ThreadingHTTPServer):
             super().__init__((host, port), Handler)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise OSError(
-                    errno.EADDRINUSE, f"port {port} on {host} is in use; pass port=<another port> (or port=0 for any)"
-                ) from None
+                raise ServerError(f"port {port} on {host} is in use; pass port=<another port> (or port=0 for any)") from None
             raise
 
     @property
@@ -109,7 +111,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         if length != expected:
             return self._error(400, f"/api/encode takes a float32 (1, 3, {size}, {size}) input: {expected} bytes")
-        x = np.frombuffer(self.rfile.read(length), np.float32).reshape(1, 3, size, size)
+        x = np.frombuffer(bytearray(self.rfile.read(length)), np.float32).reshape(1, 3, size, size)
         with self.server.encode_lock:  # one image at a time: the model is not shared between threads
             embedding = np.ascontiguousarray(bundle.encode(x), np.float32)
         self._send(200, embedding.tobytes(), "application/octet-stream")
