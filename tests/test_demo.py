@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -78,22 +77,6 @@ def reference_predictor(kind: str, bundle) -> Predictor:
     return Predictor(load_model("tinyvit_toy", STUDENT))
 
 
-class Served:
-    """A DemoServer on a free loopback port, in a thread."""
-
-    def __init__(self, bundle) -> None:
-        self.server = DemoServer(bundle, "127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def __enter__(self) -> DemoServer:
-        return self.server
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def open_page(browser, url: str):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     errors: list[str] = []
@@ -154,7 +137,7 @@ def test_page_masks_match_predictor(browser, bundles, toy_images, tmp_path, kind
     predictor = reference_predictor(kind, bundles[kind])
     predictor.set_image(image)
     size = image.shape[:2]
-    with Served(bundles[kind]) as server:
+    with DemoServer(bundles[kind], port=0) as server:
         page = open_page(browser, server.url)
         load_image(page, path)
         assert "error" not in (page.get_attribute("#message", "class") or "")
@@ -246,7 +229,7 @@ def test_bad_file_and_huge_photo(browser, bundles, toy_images, tmp_path):
     Image.fromarray(big).save(huge, compress_level=1)
     bad.write_text("these are notes, not pixels")
     predictor = reference_predictor("float", bundles["float"])
-    with Served(bundles["float"]) as server:
+    with DemoServer(bundles["float"], port=0) as server:
         page = open_page(browser, server.url)
         load_image(page, small)
         page.mouse.click(*on_canvas(page, *toy.instances[0].point, (256, 256)))
@@ -276,7 +259,7 @@ def get(server: DemoServer, path: str, method: str = "GET", body: bytes | None =
 
 
 def test_server_serves_only_its_files_with_isolation_headers(bundles):
-    with Served(bundles["float"]) as server:
+    with DemoServer(bundles["float"], port=0) as server:
         assert server.server_address[0] == "127.0.0.1"
         status, headers, body = get(server, "/")
         assert status == 200 and b"TinySAM" in body
@@ -296,7 +279,7 @@ def test_server_serves_only_its_files_with_isolation_headers(bundles):
 def test_server_encoder_returns_the_models_embedding(bundles, toy_images):
     model = load_model("tinyvit_toy", STUDENT)
     x = model_input(model, toy_images[0].image)[None]
-    with Served(bundles["server"]) as server:
+    with DemoServer(bundles["server"], port=0) as server:
         assert "/model/encoder.onnx" not in server.table  # encoder=server keeps the encoder in Python
         status, _, body = get(server, "/api/encode", "POST", x.numpy().tobytes())
         assert status == 200
@@ -340,7 +323,7 @@ def test_command_serves_the_toy_student_and_fails_in_one_line(tmp_path, bundles)
     fails_in_one_line(["-m", "tinysam.demo", f"onnx={lacking}"], tmp_path, "lacks encoder.onnx, export.json")
     fails_in_one_line(["-m", "tinysam.demo", "checkpoint=missing.safetensors"], tmp_path, "missing.safetensors")
     fails_in_one_line(["-m", "tinysam.demo", "colour=red"], tmp_path, "unknown keys ['colour']")
-    with Served(bundles["float"]) as server:
+    with DemoServer(bundles["float"], port=0) as server:
         port = server.server_address[1]
         folder = bundles["float"].folder
         fails_in_one_line(["-m", "tinysam.demo", f"onnx={folder}", f"port={port}"], tmp_path, f"port {port}", "in use")

@@ -49,7 +49,11 @@ class ServerError(ValueError):
 
 
 class DemoServer(ThreadingHTTPServer):
-    """Serves one bundle; ``url`` is where the page is."""
+    """Serves one bundle; ``url`` is where the page is.
+
+    ``serve_forever()`` serves in the calling thread; ``with DemoServer(bundle, port=0) as server:``
+    serves in a background thread until the block ends (notebooks, tests, benchmarks).
+    """
 
     daemon_threads = True
 
@@ -66,6 +70,14 @@ class DemoServer(ThreadingHTTPServer):
             if err.errno == errno.EADDRINUSE:
                 raise ServerError(f"port {port} on {host} is in use; pass port=<another port> (or port=0 for any)") from None
             raise
+
+    def __enter__(self) -> "DemoServer":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
 
     @property
     def url(self) -> str:

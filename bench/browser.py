@@ -1,0 +1,154 @@
+"""The demo page's model latency in headless Chromium (onnxruntime-web, WASM) vs onnxruntime in Python.
+
+    python bench/browser.py [--models toy tinyvit_5m] [--runs 5] [--clicks 20] [--screenshot PATH]
+
+For each model, float and W8A8, on one thread and on all cores, side by side in one process:
+the encoder (median of ``--runs`` after a warm-up) and the decoder per click (median of ``--clicks``
+on one positive click), in the page (``?ep=wasm&threads=N``) and in Python on the same ONNX files.
+``toy`` is the shipped toy student (256 px); ``tinyvit_5m`` is the 1024 px student with the
+reference weights of ``../shared/reference`` (seeded random ones without them: latency does
+not depend on the values). The W8A8 models come from ``quantize_model`` with a short scale
+search (1 round, 10 candidates, 2 images): the search changes the scales, not the graph or its speed.
+Chromium is the system's (``TINYSAM_CHROMIUM`` or on PATH), driven by Playwright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tinysam.assets import asset_path
+from tinysam.backends import onnx_session
+from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
+from tinysam.demo import DemoServer, prepare
+from tinysam.models.build import load_model
+from tinysam.models.checkpoint import save_checkpoint
+from tinysam.models.onnx import DECODER, ENCODER, decoder_feed
+from tinysam.quant.run import quantize_model
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+SOURCES = {
+    "toy": ("tinyvit_toy", asset_path("toy_student.safetensors")),
+    "tinyvit_5m": ("tinyvit_5m", REFERENCE / "tinysam_vit_t_seed0.safetensors"),
+}
+
+
+def bundles(name: str, work: Path) -> dict:
+    """The float and W8A8 model folders of ``name``, and an image to click on."""
+    arch, checkpoint = SOURCES[name]
+    if not Path(checkpoint).is_file():
+        print(f"{checkpoint} not found: {arch} with seeded random weights (latency only)")
+        checkpoint = work / f"{arch}_random.safetensors"
+        torch.manual_seed(0)
+        save_checkpoint(load_model(arch), checkpoint)
+    model = load_model(arch, checkpoint)
+    size = model.image_encoder.img_size
+    toys = [generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused", image_size=size)).image for i in range(2)]
+    quantize_model(model, toys, work / f"{name}_int8", rounds=1, candidates=10, points_per_side=2)
+    image = work / f"{name}.png"
+    Image.fromarray(toys[0]).save(image)
+    return {
+        "float": prepare(checkpoint, arch, None, "browser", work / "cache"),
+        "W8A8": prepare(None, arch, work / f"{name}_int8", "browser", work / "cache"),
+        "image": image,
+    }
+
+
+def median_ms(run, times: int) -> float:
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        samples.append(1000 * (time.perf_counter() - start))
+    return statistics.median(samples)
+
+
+def python_latency(bundle, threads: int, runs: int, clicks: int) -> tuple[float, float]:
+    """Encoder and per-click decoder milliseconds of onnxruntime in Python on the bundle's files."""
+    meta = bundle.metadata
+    size = meta["image_size"]
+    encoder = onnx_session(bundle.folder / ENCODER, threads)
+    x = np.zeros((1, 3, size, size), np.float32)
+    encoder.run(None, {"image": x})
+    encode_ms = median_ms(lambda: encoder.run(None, {"image": x}), runs)
+    decoder = onnx_session(bundle.folder / DECODER, threads)
+    embedding = encoder.run(None, {"image": x})[0]
+    side = meta["mask_side"]
+    feed = decoder_feed(embedding, np.array([[[size / 2, size / 2]]]), np.array([[1]]), None, None, (side, side), side)
+    decoder.run(None, feed)
+    return encode_ms, median_ms(lambda: decoder.run(None, feed), clicks)
+
+
+def browser_latency(browser, bundle, image: Path, threads: int, runs: int, clicks: int, screenshot: Path | None):
+    """Encoder and per-click decoder milliseconds in the page, WASM with ``threads`` threads."""
+    with DemoServer(bundle, port=0) as server:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(f"{server.url}?ep=wasm&threads={threads}")
+        page.wait_for_selector("body[data-ready=true]", timeout=300_000)
+        page.set_input_files("#file", str(image))
+        page.evaluate("window.demo.idle()")
+        box = page.locator("#view").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        page.evaluate("window.demo.idle()")
+        encode_ms = statistics.median(page.evaluate(f"window.demo.timeEncoder({runs})"))
+        decode_ms = statistics.median(page.evaluate(f"window.demo.timeDecoder({clicks})"))
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot))
+        page.close()
+    return encode_ms, decode_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["toy", "tinyvit_5m"], choices=sorted(SOURCES))
+    parser.add_argument("--runs", type=int, default=5, help="encoder runs per cell (median)")
+    parser.add_argument("--clicks", type=int, default=20, help="decoder runs per cell (median)")
+    parser.add_argument("--screenshot", type=Path, help="save the page of the first cell here")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("TINYSAM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("bench/browser.py needs Chromium: apt-get install chromium (or set TINYSAM_CHROMIUM)")
+    cores = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tinysam-bench-browser-") as tmp, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox"] if os.geteuid() == 0 else []
+        )
+        screenshot = args.screenshot
+        for name in args.models:
+            models = bundles(name, Path(tmp))
+            for precision in ("float", "W8A8"):
+                for threads in sorted({1, cores}):
+                    web = browser_latency(
+                        browser, models[precision], models["image"], threads, args.runs, args.clicks, screenshot
+                    )
+                    screenshot = None
+                    native = python_latency(models[precision], threads, args.runs, args.clicks)
+                    size = models[precision].metadata["image_size"]
+                    rows.append((f"{name} ({size} px)", precision, threads, *web, *native))
+                    print(rows[-1], flush=True)
+        version = browser.version
+        browser.close()
+    print(f"\nChromium {version}, onnxruntime-web 1.31.1 (WASM, SIMD), {cores} cores\n")
+    print("| model | weights | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
+          "decoder per click, browser (ms) | decoder, Python (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model, precision, threads, enc_web, dec_web, enc_py, dec_py in rows:
+        print(f"| {model} | {precision} | {threads} | {enc_web:.1f} | {enc_py:.1f} | {enc_web / enc_py:.2f}x | "
+              f"{dec_web:.1f} | {dec_py:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
