@@ -121,33 +121,28 @@ def main() -> None:
     if chromium is None:
         sys.exit("bench/browser.py needs Chromium: apt-get install chromium (or set TINYSAM_CHROMIUM)")
     cores = os.cpu_count() or 1
-    rows = []
     with tempfile.TemporaryDirectory(prefix="tinysam-bench-browser-") as tmp, sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium, args=["--no-sandbox"] if os.geteuid() == 0 else []
         )
+        prepared = {name: bundles(name, Path(tmp)) for name in args.models}
+        print(f"\nChromium {browser.version}, onnxruntime-web 1.31.1 (WASM, SIMD), {cores} cores\n")
+        print("| model | weights | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
+              "decoder per click, browser (ms) | decoder, Python (ms) |")
+        print("|---|---|---|---|---|---|---|---|", flush=True)
         screenshot = args.screenshot
-        for name in args.models:
-            models = bundles(name, Path(tmp))
+        for name, models in prepared.items():
             for precision in ("float", "W8A8"):
                 for threads in sorted({1, cores}):
-                    web = browser_latency(
+                    enc_web, dec_web = browser_latency(
                         browser, models[precision], models["image"], threads, args.runs, args.clicks, screenshot
                     )
                     screenshot = None
-                    native = python_latency(models[precision], threads, args.runs, args.clicks)
+                    enc_py, dec_py = python_latency(models[precision], threads, args.runs, args.clicks)
                     size = models[precision].metadata["image_size"]
-                    rows.append((f"{name} ({size} px)", precision, threads, *web, *native))
-                    print(rows[-1], flush=True)
-        version = browser.version
+                    print(f"| {name} ({size} px) | {precision} | {threads} | {enc_web:.1f} | {enc_py:.1f} | "
+                          f"{enc_web / enc_py:.2f}x | {dec_web:.1f} | {dec_py:.1f} |", flush=True)
         browser.close()
-    print(f"\nChromium {version}, onnxruntime-web 1.31.1 (WASM, SIMD), {cores} cores\n")
-    print("| model | weights | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
-          "decoder per click, browser (ms) | decoder, Python (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for model, precision, threads, enc_web, dec_web, enc_py, dec_py in rows:
-        print(f"| {model} | {precision} | {threads} | {enc_web:.1f} | {enc_py:.1f} | {enc_web / enc_py:.2f}x | "
-              f"{dec_web:.1f} | {dec_py:.1f} |")
 
 
 if __name__ == "__main__":
