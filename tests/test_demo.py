@@ -78,7 +78,7 @@ def reference_predictor(kind: str, bundle) -> Predictor:
 
 
 def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.goto(url + "?ep=wasm")
@@ -239,6 +239,7 @@ def test_bad_file_and_huge_photo(browser, bundles, toy_images, tmp_path):
         assert "notes.png is not an image" in page.inner_text("#message")
         assert page.get_attribute("#message", "class") == "error"
         assert page.evaluate("window.demo.record()") is None and page.evaluate("window.demo.state.image") is None
+        assert [page.inner_text(f"#{id}") for id in ("image-size", "encoder-time", "decoder-time")] == ["–"] * 3
         page.screenshot(path=str(tmp_path / "demo_bad_file.png"))
         load_image(page, huge)
         x, y = toy.instances[0].point

@@ -10,10 +10,12 @@ install gives, not its numbers.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
 import sys
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -84,6 +86,9 @@ def core_python(tmp_path_factory) -> str:
     return str(root / "bin" / "python")
 
 
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+
+
 def run_in(python: str, args: list[str], cwd: Path) -> tuple[int, str]:
     proc = subprocess.run(
         [python, *args],
@@ -92,7 +97,7 @@ def run_in(python: str, args: list[str], cwd: Path) -> tuple[int, str]:
         stderr=subprocess.STDOUT,
         text=True,
         timeout=600,
-        env={"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "HOME": str(cwd)},
+        env={**CLEAN_ENV, "HOME": str(cwd)},
     )
     return proc.returncode, proc.stdout
 
@@ -100,7 +105,9 @@ def run_in(python: str, args: list[str], cwd: Path) -> tuple[int, str]:
 def test_the_quick_start_installs_the_core_dependencies_alone():
     install, commands = quick_start_commands()
     assert install == "pip install -e ."
-    assert [c[0] for c in commands] == ["train.py", "evaluate.py", "quantize.py", "-m"], commands
+    assert [c[:2] for c in commands] == [
+        ["train.py"], ["evaluate.py"], ["quantize.py"], ["-m", "tinysam.export"], ["-m", "tinysam.demo"]
+    ], commands
 
 
 def test_the_core_environment_lacks_what_only_an_extra_brings(tmp_path, core_python):
@@ -124,3 +131,33 @@ def test_each_quick_start_command_runs_on_the_core_install(tmp_path, core_python
     code, out = run_in(core_python, args, tmp_path)
     assert code == 0, out[-4000:]
     assert "Traceback" not in out
+
+
+def test_the_quick_start_demo_serves_its_page_on_the_core_install(tmp_path, core_python):
+    """The last quick-start command serves forever: start it on a free port, fetch the page and the model, stop it."""
+    _, commands = quick_start_commands()
+    proc = subprocess.Popen(
+        [core_python, *commands[4], "port=0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**CLEAN_ENV, "HOME": str(tmp_path)},
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # export messages, then "demo: serving ... at URL"
+            lines.append(line)
+            if line.startswith("demo: serving"):
+                break
+        assert lines and lines[-1].startswith("demo: serving"), "".join(lines)
+        url = lines[-1].split(" at ")[-1].strip()
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert "TinySAM in the browser" in response.read().decode()
+        with urllib.request.urlopen(url + "model/info.json", timeout=30) as response:
+            assert json.load(response)["image_size"] == 256
+        with urllib.request.urlopen(url + "static/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm", timeout=30) as r:
+            assert r.headers["Content-Type"] == "application/wasm" and len(r.read()) > 1_000_000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -120,7 +120,7 @@ function resetImage() {
   state.actions = [];
   state.result = null;
   state.preview = null;
-  $("image-size").textContent = "–";
+  for (const id of ["image-size", "encoder-time", "decoder-time"]) $(id).textContent = "–";
   render();
 }
 
@@ -237,7 +237,7 @@ async function hover(x, y) {
 
 function layout() {
   const canvas = $("view");
-  const maxWidth = Math.min(900, $("stage").clientWidth - 20);
+  const maxWidth = Math.max(160, Math.min(900, $("stage").clientWidth - 20));
   const scale = state.image ? Math.min(maxWidth / state.image.width, 640 / state.image.height) : 1;
   const width = state.image ? Math.max(1, Math.round(state.image.width * scale)) : 640;
   const height = state.image ? Math.max(1, Math.round(state.image.height * scale)) : 360;
