@@ -30,6 +30,21 @@ def test_safetensors_round_trip_with_metadata(tmp_path, toy_student):
     assert not list(tmp_path.glob("ckpt/*.tmp")), "temporary files left behind"
 
 
+def test_half_precision_weights_keep_buffers_exact(tmp_path, toy_student):
+    path = save_checkpoint(toy_student, tmp_path / "half.safetensors", weights_dtype=torch.float16)
+    assert read_metadata(path)["weights_dtype"] == "float16"
+    fresh = load_checkpoint(build_student("tinyvit_toy"), path)
+    params = dict(toy_student.named_parameters())
+    for name, value in fresh.state_dict().items():
+        original = toy_student.state_dict()[name]
+        assert value.dtype == original.dtype, name  # loading casts back to the model's dtype
+        if name in params and original.is_floating_point():
+            assert torch.equal(value, original.half().float()), name
+        else:
+            assert torch.equal(value, original), name  # buffers (pixel mean and std, ...) are exact
+    assert path.stat().st_size < 0.6 * save_checkpoint(toy_student, tmp_path / "full.safetensors").stat().st_size
+
+
 @pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "ddp"])
 def test_official_pth_layouts_load(tmp_path, toy_student, wrapper):
     state = toy_student.state_dict()

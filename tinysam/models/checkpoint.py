@@ -178,11 +178,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"metadata {sidecar} is not valid JSON ({err}); delete or fix it") from None
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, **metadata: Any) -> Path:
+def save_checkpoint(
+    model: nn.Module, path: str | Path, weights_dtype: torch.dtype | None = None, **metadata: Any
+) -> Path:
     """Write ``model``'s state dict as safetensors plus a JSON sidecar of metadata; returns the path.
 
     The metadata records the architecture name (from the registry), the image size
     and whatever the caller passes (for example ``made_from=...``); values must be JSON-serialisable.
+    ``weights_dtype=torch.float16`` stores the floating-point parameters in half precision (half the
+    file; loading casts them back to the model's dtype); buffers such as SAM's pixel mean stay exact.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -191,6 +195,11 @@ def save_checkpoint(model: nn.Module, path: str | Path, **metadata: Any) -> Path
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     info: dict[str, Any] = {"format": "tinysam-checkpoint", "tinysam_version": __version__}
+    if weights_dtype is not None:
+        for name, param in model.named_parameters():
+            if param.is_floating_point():
+                state[name] = state[name].to(weights_dtype)
+        info["weights_dtype"] = str(weights_dtype).removeprefix("torch.")
     if hasattr(model, "arch"):
         info["arch"] = model.arch
     encoder = getattr(model, "image_encoder", None)
