@@ -163,6 +163,7 @@ def test_page_masks_match_predictor(browser, bundles, toy_images, tmp_path, kind
             check_downloads(page, third, tmp_path)
             check_undo_clear_and_choice(page)
             check_preprocessing(page, predictor.model, image)
+            check_hover_and_drop(page, on_canvas(page, *target.point, size), path)
         assert page.errors == []
         page.close()
 
@@ -191,6 +192,27 @@ def check_undo_clear_and_choice(page) -> None:
     page.click("#clear")
     page.evaluate("window.demo.idle()")
     assert page.evaluate("window.demo.record()") is None
+
+
+def check_hover_and_drop(page, at: tuple[float, float], path: Path) -> None:
+    """Hovering previews a mask without committing a prompt; dropping a file on the stage opens it."""
+    page.mouse.move(*at)
+    page.wait_for_function("window.demo.state.preview !== null", timeout=30_000)
+    shown = page.evaluate(
+        "Array.from(window.demo.state.preview.logits).filter((v) => v > window.demo.info.mask_threshold).length"
+    )
+    assert shown > 0 and page.evaluate("window.demo.record()") is None
+    page.evaluate(
+        """async ([bytes, name]) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
+            document.getElementById("stage").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer }));
+        }""",
+        [list(path.read_bytes()), "dropped.png"],
+    )
+    page.evaluate("window.demo.idle()")
+    assert page.evaluate("window.demo.state.image.name") == "dropped.png"
+    assert page.inner_text("#image-size").startswith("dropped.png")
 
 
 def check_preprocessing(page, model, image: np.ndarray) -> None:
