@@ -34,9 +34,9 @@ def test_half_precision_weights_keep_buffers_exact(tmp_path, toy_student):
     path = save_checkpoint(toy_student, tmp_path / "half.safetensors", weights_dtype=torch.float16)
     assert read_metadata(path)["weights_dtype"] == "float16"
     fresh = load_checkpoint(build_student("tinyvit_toy"), path)
-    params = dict(toy_student.named_parameters())
+    params, originals = dict(toy_student.named_parameters()), toy_student.state_dict()
     for name, value in fresh.state_dict().items():
-        original = toy_student.state_dict()[name]
+        original = originals[name]
         assert value.dtype == original.dtype, name  # loading casts back to the model's dtype
         if name in params and original.is_floating_point():
             assert torch.equal(value, original.half().float()), name
