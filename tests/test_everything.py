@@ -152,6 +152,22 @@ def test_adaptive_stops_as_soon_as_a_batch_covers_everything(toy_student, image)
     assert nothing.generate(image) == [] and nothing.prompts_per_level == [16, 64, 176]
 
 
+def test_more_than_255_masks_get_their_areas(toy_student, image):
+    """pycocotools' ``area`` fails on 256 RLEs or more (a uint8 count): a busy image must not."""
+    gen = DenseMaskGenerator(toy_student, points_per_side=16, points_per_batch=256, output_mode="coco_rle")
+    gen.predictor.upscale = lambda logits: logits
+
+    def squares(points: np.ndarray):  # a 3x3 square around each point: 256 masks that NMS keeps apart
+        logits = torch.full((len(points), 3, H, W), -20.0)
+        for i, (x, y) in enumerate(points.astype(int)):
+            logits[i, :, y - 1 : y + 2, x - 1 : x + 2] = 20.0
+        return logits, torch.full((len(points), 3), 0.99)
+
+    gen._decode = squares
+    records = gen.generate(image)
+    assert len(records) == 256 and all(r["area"] == 9 for r in records)
+
+
 @pytest.mark.parametrize("points_per_side", [1, 2, 3, 4, 5, 8, 13, 32, 64])
 def test_lattice_never_leaves_the_image(points_per_side):
     for size in [(1, 1), (3, 500), (500, 3), (17, 23), (200, 330), (1024, 683)]:

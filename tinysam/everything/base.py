@@ -44,6 +44,11 @@ def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     return mask_utils.encode(fortran)
 
 
+def rle_areas(rles: list[dict[str, Any]]) -> list[int]:
+    """Pixel counts of COCO RLEs; pycocotools' ``area`` takes at most 255 at a time (a uint8 count)."""
+    return [int(a) for start in range(0, len(rles), 255) for a in mask_utils.area(rles[start : start + 255])]
+
+
 def pixel_of(points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of XY ``points``, clipped into an image of ``size`` (H, W)."""
     h, w = size
@@ -203,11 +208,11 @@ class MaskGenerator:
                 segmentations = masks
             else:
                 segmentations = mask_to_rle_pytorch(torch.as_tensor(np.stack(masks))) if masks else []
-        areas = mask_utils.area(data["rles"]) if len(data["rles"]) else []
+        areas = rle_areas(data["rles"])
         return [
             {
                 "segmentation": segmentation,
-                "area": int(areas[i]),
+                "area": areas[i],
                 "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
                 "predicted_iou": float(data["iou_preds"][i]),
                 "point_coords": [data["points"][i].tolist()],
