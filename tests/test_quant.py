@@ -324,6 +324,52 @@ def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_p
     assert (onnx_embedding - float_embedding).abs().mean() > 1.5 * noise
 
 
+def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path):
+    """The ONNX decoder runs every linear layer of SAM's two-way transformer as an integer GEMM: its
+    low-res masks are the fake-quant decoder's with exactly those layers enabled (float elsewhere),
+    far closer than one-level flips in 0.1% of the image embedding move them."""
+    import onnx
+    import onnxruntime as ort
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    from tinysam.data.transforms import model_input
+    from tinysam.models.onnx import DECODER_INPUTS, decoder_feed
+    from tinysam.quant.export import export_onnx, integer_layers
+    from tinysam.quant.fake_quant import set_enabled
+
+    model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    layers = wrap_model(model)
+    calibrate(layers, collect(model, layers, toy_images[:1], points_per_side=2), "minmax")
+    set_enabled(layers, True)
+    info = export_onnx(model, layers, tmp_path)
+    transformer = {n: q for n, q in integer_layers(layers).items() if n.startswith("mask_decoder.transformer.")}
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "decoder.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == len(transformer) == 32 and info["decoder"].startswith("decoder.onnx: 32")
+
+    set_enabled(layers, False)
+    with torch.no_grad():
+        embedding = model.image_encoder(model_input(model, toy_images[1])[None])
+    side = 4 * model.prompt_encoder.image_embedding_size[0]
+    points = np.array([[[40.0, 60.0]], [[150.0, 100.0]], [[200.0, 30.0]]], np.float32)
+    feed = decoder_feed(embedding.numpy(), points, np.ones((3, 1), np.float32), None, None, (side, side), side)
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    onnx_masks = torch.from_numpy(session.run(None, feed)[2])
+    decoder = SamOnnxModel(model, return_single_mask=False).eval()
+    inputs = [torch.from_numpy(feed[name]) for name in DECODER_INPUTS]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        float_masks = decoder(*inputs)[2]
+        for layer in transformer.values():
+            layer.enabled = True
+        fake_masks = decoder(*inputs)[2]
+        step = transformer["mask_decoder.transformer.layers.0.cross_attn_token_to_image.k_proj"].act_scale
+        flips = step * torch.randn_like(embedding).sign() * (torch.rand_like(embedding) < 1e-3)
+        noisy_masks = decoder(inputs[0] + flips, *inputs[1:])[2]
+    noise = (noisy_masks - fake_masks).abs().mean()
+    assert (onnx_masks - fake_masks).abs().mean() < 0.01 * noise
+    assert (fake_masks - float_masks).abs().mean() > noise
+
+
 def test_quantize_script_and_its_errors(tmp_path):
     from helpers import run_script
 

@@ -367,10 +367,13 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer 
 
 
 def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str | Path) -> dict[str, str]:
-    """``encoder.onnx`` (integer layers with our scales), ``decoder.onnx`` (float) and ``export.json`` (the
-    runtime metadata of :func:`~tinysam.models.onnx.onnx_metadata`) of a calibrated model.
+    """``encoder.onnx`` and ``decoder.onnx`` with our quantized layers as integer kernels, and ``export.json``
+    (the runtime metadata of :func:`~tinysam.models.onnx.onnx_metadata`) of a calibrated model.
 
-    The pair is what ``Predictor(model, backend="onnx", onnx_dir=out)`` runs.
+    In the decoder that is every linear layer of SAM's two-way transformer (the per-prompt work
+    over the image tokens); its small token MLPs (hypernetworks, IoU head; ``Gemm`` nodes), the
+    attention matmuls and the upscaling stay float. The pair is what
+    ``Predictor(model, backend="onnx", onnx_dir=out)`` runs, everything mode included.
     """
     from tinysam.models.onnx import DECODER, ENCODER, METADATA, export_decoder, export_encoder, onnx_metadata
 
@@ -378,24 +381,32 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str 
     out.mkdir(parents=True, exist_ok=True)
     enabled = {n: layer.enabled for n, layer in layers.items()}
     for layer in layers.values():
-        layer.enabled = False  # export the float graph; the rewrite adds the quantization
+        layer.enabled = False  # export the float graphs; the rewrite adds the quantization
     try:
-        float_path = export_encoder(model, out / "encoder_float.onnx")
-        export_decoder(model, out / DECODER)
+        float_paths = {
+            ENCODER: (export_encoder(model, out / "encoder_float.onnx"), "image_encoder"),
+            DECODER: (export_decoder(model, out / "decoder_float.onnx"), "mask_decoder"),
+        }
     finally:
         for n, layer in layers.items():
             layer.enabled = enabled[n]
+    ops = {}
     try:
         with torch.no_grad():
-            ops = integer_onnx(float_path, out / ENCODER, layers, "image_encoder")
+            for name, (float_path, prefix) in float_paths.items():
+                ops[name] = integer_onnx(float_path, out / name, layers, prefix)
     finally:
-        float_path.unlink()
+        for float_path, _ in float_paths.values():
+            float_path.unlink(missing_ok=True)
     (out / METADATA).write_text(json.dumps(onnx_metadata(model), indent=2))
+    encoder, decoder = ops[ENCODER], ops[DECODER]
     return {
-        "encoder": f"{ENCODER}: {ops['MatMulIntegerToFloat']} linear layers as MatMulIntegerToFloat, "
-        f"{ops['QLinearConv']} convolutions as QLinearConv and {ops['QLinearSigmoid']} GELUs as QLinearSigmoid + "
-        f"QLinearMul (int8), with {ops['QuantizeLinear']} QuantizeLinear and {ops['DequantizeLinear']} "
-        f"DequantizeLinear where float and integer meet; {ops.get('Conv', 0)} convolutions and "
-        f"{ops.get('MatMul', 0)} attention matmuls in float",
-        "decoder": f"{DECODER} (float)",
+        "encoder": f"{ENCODER}: {encoder['MatMulIntegerToFloat']} linear layers as MatMulIntegerToFloat, "
+        f"{encoder['QLinearConv']} convolutions as QLinearConv and {encoder['QLinearSigmoid']} GELUs as "
+        f"QLinearSigmoid + QLinearMul (int8), with {encoder['QuantizeLinear']} QuantizeLinear and "
+        f"{encoder['DequantizeLinear']} DequantizeLinear where float and integer meet; "
+        f"{encoder.get('Conv', 0)} convolutions and {encoder.get('MatMul', 0)} attention matmuls in float",
+        "decoder": f"{DECODER}: {decoder['MatMulIntegerToFloat']} linear layers of the two-way transformer as "
+        f"MatMulIntegerToFloat (int8); {decoder.get('Gemm', 0)} token MLP layers, {decoder.get('MatMul', 0)} "
+        f"attention matmuls and the upscaling in float",
     }
