@@ -14,7 +14,8 @@ mask IoU >= 0.9), class-agnostic mask AR@100 against the toy ground truth, and p
 
 Part 2, speed (``--speed-images`` photos at ``--speed-side`` px, ``tinyvit_5m``): SAM's
 ``SamAutomaticMaskGenerator(crop_n_layers=0)`` against our dense generator on the same model and
-thresholds (SAM's 0.88 / 0.95; our eager path, and onnxruntime), with the share of masks matched at
+thresholds (SAM's 0.88 / 0.95; our eager path, onnxruntime, and onnxruntime on the W8A8 model that
+``quantize_model`` writes, calibrated min-max on one other photo), with the share of masks matched at
 IoU >= 0.95 both ways. The student's weights are the reference state dict when
 ``../shared/reference`` is there, else seeded random ones.
 """
@@ -42,6 +43,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image
 from tinysam.eval.coco_instances import score_proposals
 from tinysam.models.build import load_model
+from tinysam.quant.run import quantize_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -156,55 +158,64 @@ def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
         )
 
 
+def quantized_onnx(photo: np.ndarray, weights: Path | None, out: Path) -> Path:
+    """``tinyvit_5m`` quantized W8A8 by ``quantize_model`` (min-max, one calibration photo), its ONNX pair in ``out``."""
+    quantize_model(load_model("tinyvit_5m", weights), [photo], out, method="minmax", points_per_side=2)
+    return out
+
+
 def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
     weights = REFERENCE / "tinysam_vit_t_seed0.safetensors"
-    model = load_model("tinyvit_5m", weights if weights.is_file() else None)
-    photos = sorted((REFERENCE / "images").glob("*.jpg"))[: args.speed_images] if REFERENCE.is_dir() else []
+    weights = weights if weights.is_file() else None
+    model = load_model("tinyvit_5m", weights)
+    photos = sorted((REFERENCE / "images").glob("*.jpg")) if REFERENCE.is_dir() else []
     rng = np.random.default_rng(0)
     images = [load_image(p) for p in photos] or [
-        rng.integers(0, 255, (args.speed_side, args.speed_side, 3), dtype=np.uint8) for _ in range(args.speed_images)
+        rng.integers(0, 255, (args.speed_side, args.speed_side, 3), dtype=np.uint8) for _ in range(args.speed_images + 1)
     ]
+    resize = ResizeLongestSide(args.speed_side).apply_image  # SAM's own resize, longest side to speed_side
+    calibration, images = resize(images[-1]), [resize(rgb) for rgb in images[: args.speed_images]]
     speed_kwargs = {
         **kwargs,
         "points_per_side": args.speed_points,
         "pred_iou_thresh": args.speed_pred_iou_thresh,
         "stability_score_thresh": args.speed_stability_score_thresh,
     }
-    rows = [
-        Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **speed_kwargs)),
-        Row("dense", DenseMaskGenerator(model, **speed_kwargs)),
-        Row("dense, backend=onnx", DenseMaskGenerator(model, backend="onnx", **speed_kwargs)),
-    ]
-    same, reverse = [0, 0], [0, 0]
-    for index, rgb in enumerate(images):
-        rgb = ResizeLongestSide(args.speed_side).apply_image(rgb)  # SAM's own resize, longest side to speed_side
-        sam, ours, _ = (row.run(rgb, index) for row in rows)
-        for acc, (a, b) in ((same, (sam, ours)), (reverse, (ours, sam))):
-            hit, total = recovered(a, b, 0.95)
-            acc[0], acc[1] = acc[0] + hit, acc[1] + total
+    with tempfile.TemporaryDirectory() as tmp:
+        int8 = quantized_onnx(calibration, weights, Path(tmp))
+        rows = [
+            Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **speed_kwargs)),
+            Row("dense", DenseMaskGenerator(model, **speed_kwargs)),
+            Row("dense, backend=onnx", DenseMaskGenerator(model, backend="onnx", **speed_kwargs)),
+            Row("dense, backend=onnx, W8A8", DenseMaskGenerator(model, backend="onnx", onnx_dir=int8, **speed_kwargs)),
+        ]
+        matched = {row.name: [0, 0, 0, 0] for row in rows}  # SAM's found by the row, of; the row's found by SAM's, of
+        for index, rgb in enumerate(images):
+            sam, *ours = (row.run(rgb, index) for row in rows)
+            for row, masks in zip(rows, [sam, *ours]):
+                acc = matched[row.name]
+                acc[:] = [a + b for a, b in zip(acc, recovered(sam, masks, 0.95) + recovered(masks, sam, 0.95))]
     n = len(images)
     print(
         f"\nSpeed: {n} image(s), longest side {args.speed_side} px, tinyvit_5m "
-        f"({'reference weights' if weights.is_file() else 'random weights'}), {torch.get_num_threads()} threads; "
-        f"{speed_kwargs}"
+        f"({'reference weights' if weights else 'random weights'}), {torch.get_num_threads()} threads; "
+        f"{speed_kwargs}; W8A8: quantize.py's model, min-max on one other photo"
     )
-    print("| generator | s / image | speed-up | prompts / image | masks / image | peak memory MB |")
-    print("|---|---|---|---|---|---|")
+    print("| generator | s / image | speed-up | prompts / image | masks / image | SAM's masks it has (IoU >= 0.95) "
+          "| its masks SAM has | peak memory MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        a, b, c, d = matched[row.name]
         print(
             f"| {row.name} | {row.seconds / n:.2f} | {rows[0].seconds / row.seconds:.2f}x | {row.prompts_text()} "
-            f"| {row.masks / n:.1f} | {row.peak / 2**20:.0f} |"
+            f"| {row.masks / n:.1f} | {a}/{b} | {c}/{d} | {row.peak / 2**20:.0f} |"
         )
-    print(
-        f"SAM's masks matched by ours at IoU >= 0.95: {same[0]}/{same[1]}; ours matched by SAM's: "
-        f"{reverse[0]}/{reverse[1]}"
-    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="a vit_toy model; default: the shipped toy_teacher_stuff")
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--stuff-regions", type=int, default=4, help="annotated background regions per image")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=64)
