@@ -4,13 +4,15 @@ Accuracy on the toy world (the shipped distilled toy student, calibrated on 8 tr
 drawn per seed from 64, evaluated on the 16 validation images): box and 1-click mIoU against the
 float model and against ground truth, mean ± std over the seeds. Speed and size at 1024 px
 (``tinyvit_5m``, the reference weights): encoder latency of eager PyTorch, our fastest float path
-(onnxruntime) and the INT8 onnxruntime encoder.
+(onnxruntime) and the INT8 onnxruntime encoder; decoder latency per prompt (``--decoder-prompts``
+single-point prompts in one call, as segment-everything batches them) of the same three.
 
-    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 11] [--seeds 0 1 2]
+    python bench/quantization.py [--bits 8] [--candidates 100] [--runs 11] [--seeds 0 1 2] [--decoder-prompts 16]
 
 The INT8 model is what ``python quantize.py`` writes: linear layers in integer, the conv stage
 (patch embedding, MBConv blocks, patch merging) in uint8 from end to end, the neck's
-convolutions in integer. The float and INT8 onnxruntime encoders run interleaved, so that machine
+convolutions in integer, the decoder's two-way transformer's linear layers in integer. The float
+and INT8 onnxruntime models run interleaved, so that machine
 drift affects both alike.
 """
 
@@ -33,7 +35,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image, model_input
 from tinysam.eval.data import CocoLayout
 from tinysam.eval.prompt_miou import image_ious
-from tinysam.models.onnx import export_encoder
+from tinysam.models.onnx import decoder_feed, export_decoder, export_encoder
 from tinysam.models.build import load_model
 from tinysam.quant.run import quantize_model
 
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration sets (8 images each)")
+    parser.add_argument("--decoder-prompts", type=int, default=16, help="point prompts per decoder call")
+    parser.add_argument("--decoder-runs", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -133,6 +137,29 @@ def main() -> None:
             },
             args.runs,
         ).values()
+        # the decoder: one call on --decoder-prompts single-point prompts over the photo's embedding
+        predictor = Predictor(big)
+        predictor.set_image(photo)
+        rng = np.random.default_rng(0)
+        h, w = photo.shape[:2]
+        points = rng.uniform(0, 1, (args.decoder_prompts, 1, 2)) * [w, h]
+        coords = torch.as_tensor(predictor.transform.apply_coords(points, (h, w)), dtype=torch.float)
+        labels = torch.ones(args.decoder_prompts, 1, dtype=torch.int)
+        side = 4 * big.prompt_encoder.image_embedding_size[0]
+        feed = decoder_feed(
+            predictor.features.numpy(), coords.numpy(), labels.numpy(), None, None, (side, side), side
+        )
+        export_decoder(big, tmp / "float_decoder.onnx")
+        float_dec, int8_dec = onnx_session(tmp / "float_decoder.onnx"), onnx_session(tmp / "big" / "decoder.onnx")
+        with torch.inference_mode():
+            decoder_s = latencies(
+                {
+                    "eager": lambda: predictor.decode(points=coords, labels=labels, multimask_output=True),
+                    "float": lambda: float_dec.run(None, feed),
+                    "int8": lambda: int8_dec.run(None, feed),
+                },
+                args.decoder_runs,
+            )
         sizes = {
             "float": mib(ref) if ref.is_file() else float("nan"),
             "int8": mib(tmp / "big" / "model.safetensors"),
@@ -167,6 +194,13 @@ def main() -> None:
         f"tinyvit_5m encoder at 1024 px, median of {args.runs}: eager {1000 * eager_s:.0f} ms, "
         f"onnxruntime float {1000 * ort_s:.0f} ms, onnxruntime INT8 {1000 * int8_s:.0f} ms; "
         f"INT8 vs our fastest float path: {ort_s / int8_s:.2f}x (target >= 1.5x), vs eager: {eager_s / int8_s:.2f}x"
+    )
+    per_prompt = {k: 1000 * v / args.decoder_prompts for k, v in decoder_s.items()}
+    print(
+        f"tinyvit_5m decoder at 1024 px, {args.decoder_prompts} point prompts per call, median of "
+        f"{args.decoder_runs}, ms per prompt: eager {per_prompt['eager']:.0f}, onnxruntime float "
+        f"{per_prompt['float']:.0f}, onnxruntime INT8 {per_prompt['int8']:.0f}; INT8 vs float onnxruntime: "
+        f"{decoder_s['float'] / decoder_s['int8']:.2f}x, vs eager: {decoder_s['eager'] / decoder_s['int8']:.2f}x"
     )
     print(
         f"size on disk: float safetensors {sizes['float']:.1f} MiB, int8 safetensors {sizes['int8']:.1f} MiB, "
