@@ -161,7 +161,8 @@ def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
 
 def quantized_onnx(photo: np.ndarray, weights: Path | None, out: Path) -> Path:
     """``tinyvit_5m`` quantized W8A8 by ``quantize_model`` (min-max, one calibration photo), its ONNX pair in ``out``."""
-    quantize_model(load_model("tinyvit_5m", weights), [photo], out, method="minmax", points_per_side=2)
+    with torch.inference_mode(False), torch.enable_grad():  # calibration needs gradients
+        quantize_model(load_model("tinyvit_5m", weights), [photo], out, method="minmax", points_per_side=2)
     return out
 
 
