@@ -160,7 +160,7 @@ def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
 
 
 def quantized_onnx(photo: np.ndarray, weights: Path | None, out: Path) -> Path:
-    """``tinyvit_5m`` quantized W8A8 by ``quantize_model`` (min-max, one calibration photo), its ONNX pair in ``out``."""
+    """``tinyvit_5m`` quantized W8A8 by ``quantize_model`` (min-max, one calibration photo); ONNX pair in ``out``."""
     with torch.inference_mode(False), torch.enable_grad():  # calibration needs gradients
         quantize_model(load_model("tinyvit_5m", weights), [photo], out, method="minmax", points_per_side=2)
     return out
@@ -173,7 +173,8 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
     photos = sorted((REFERENCE / "images").glob("*.jpg")) if REFERENCE.is_dir() else []
     rng = np.random.default_rng(0)
     images = [load_image(p) for p in photos] or [
-        rng.integers(0, 255, (args.speed_side, args.speed_side, 3), dtype=np.uint8) for _ in range(args.speed_images + 1)
+        rng.integers(0, 255, (args.speed_side, args.speed_side, 3), dtype=np.uint8)
+        for _ in range(args.speed_images + 1)
     ]
     resize = ResizeLongestSide(args.speed_side).apply_image  # SAM's own resize, longest side to speed_side
     calibration, images = resize(images[-1]), [resize(rgb) for rgb in images[: args.speed_images]]

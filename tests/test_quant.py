@@ -344,7 +344,8 @@ def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path
     info = export_onnx(model, layers, tmp_path)
     transformer = {n: q for n, q in integer_layers(layers).items() if n.startswith("mask_decoder.transformer.")}
     ops = [n.op_type for n in onnx.load(str(tmp_path / "decoder.onnx")).graph.node]
-    assert ops.count("MatMulIntegerToFloat") == len(transformer) == 32 and info["decoder"].startswith("decoder.onnx: 32")
+    assert ops.count("MatMulIntegerToFloat") == len(transformer) == 32
+    assert info["decoder"].startswith("decoder.onnx: 32")
 
     set_enabled(layers, False)
     with torch.no_grad():

@@ -1,4 +1,7 @@
-"""Real integer execution: the ONNX encoder with our quantized layers as integer kernels.
+"""Real integer execution: the ONNX encoder and decoder with our quantized layers as integer kernels.
+
+The decoder's integer layers are the linear layers of SAM's two-way transformer, rewritten as the
+encoder's linear layers are (below); the rest of the decoder stays float.
 
 Every linear layer of the image encoder becomes ``QuantizeLinear`` (our activation scale,
 uint8 with zero point 128: the grid of our symmetric int8) followed by onnxruntime's
