@@ -35,7 +35,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image, model_input
 from tinysam.eval.data import CocoLayout
 from tinysam.eval.prompt_miou import image_ious
-from tinysam.models.onnx import decoder_feed, export_decoder, export_encoder
+from tinysam.models.onnx import export_encoder
 from tinysam.models.build import load_model
 from tinysam.quant.run import quantize_model
 
@@ -137,26 +137,25 @@ def main() -> None:
             },
             args.runs,
         ).values()
-        # the decoder: one call on --decoder-prompts single-point prompts over the photo's embedding
-        predictor = Predictor(big)
-        predictor.set_image(photo)
+        # the decoder: one Predictor.decode call on --decoder-prompts single-point prompts, as everything mode sends
+        decoders = {
+            "eager": Predictor(big),
+            "float": Predictor(big, backend="onnx"),
+            "int8": Predictor(big, backend="onnx", onnx_dir=tmp / "big"),
+        }
+        decoders["eager"].set_image(photo)
+        for predictor in decoders.values():
+            predictor.set_embedding(decoders["eager"].features, photo.shape[:2])
         rng = np.random.default_rng(0)
         h, w = photo.shape[:2]
         points = rng.uniform(0, 1, (args.decoder_prompts, 1, 2)) * [w, h]
-        coords = torch.as_tensor(predictor.transform.apply_coords(points, (h, w)), dtype=torch.float)
+        coords = torch.as_tensor(decoders["eager"].transform.apply_coords(points, (h, w)), dtype=torch.float)
         labels = torch.ones(args.decoder_prompts, 1, dtype=torch.int)
-        side = 4 * big.prompt_encoder.image_embedding_size[0]
-        feed = decoder_feed(
-            predictor.features.numpy(), coords.numpy(), labels.numpy(), None, None, (side, side), side
-        )
-        export_decoder(big, tmp / "float_decoder.onnx")
-        float_dec, int8_dec = onnx_session(tmp / "float_decoder.onnx"), onnx_session(tmp / "big" / "decoder.onnx")
         with torch.inference_mode():
             decoder_s = latencies(
                 {
-                    "eager": lambda: predictor.decode(points=coords, labels=labels, multimask_output=True),
-                    "float": lambda: float_dec.run(None, feed),
-                    "int8": lambda: int8_dec.run(None, feed),
+                    name: lambda p=predictor: p.decode(points=coords, labels=labels, multimask_output=True)
+                    for name, predictor in decoders.items()
                 },
                 args.decoder_runs,
             )
