@@ -317,4 +317,4 @@ def test_shipped_stuff_teacher_is_everything_modes_default_and_covers_more_in_ro
         for path in sorted((world / "val").glob("*.jpg")):
             gen.generate(np.asarray(load_image(path)))
             round_two[name] += sum(gen.prompts_per_stage[1:])  # no round 2 when round 1 covers everything
-    assert round_two["toy_teacher_stuff"] < 0.9 * round_two["toy_teacher"], round_two  # measured: 1296 vs 2671
+    assert round_two["toy_teacher_stuff"] < 0.9 * round_two["toy_teacher"], round_two  # measured: 1710 vs 2671
