@@ -39,7 +39,7 @@ def prompts(h: int, w: int) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("backend", ["compile", "onnx"])
+@pytest.mark.parametrize("backend", ["factored", "compile", "onnx"])
 def test_backend_matches_eager(backend, toy_model, toy_onnx, reference_dir):
     image = reference_dir / "images" / "sam_truck.jpg"
     eager = Predictor(toy_model)
@@ -113,6 +113,47 @@ def test_unknown_backend_and_mask_only_onnx(toy_model, toy_onnx):
     p.set_image(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="point or box"):
         p.predict(mask_input=np.zeros((1, 64, 64)))
+
+
+def test_factored_decoder_matches_sams_decoder(reference_student):
+    """Same maths as SAM's MaskDecoder on the 1024 px architecture: every prompt kind, any chunking."""
+    from tinysam.models.factored_decoder import FactoredMaskDecoder
+
+    torch.manual_seed(0)
+    model = reference_student
+    features = torch.randn(1, 256, 64, 64)
+    points = torch.rand(7, 2, 2) * 1024
+    labels = torch.tensor([[1, 0], [1, -1], [0, 1], [1, 1], [1, -1], [1, 0], [0, -1]])
+    boxes = torch.sort(torch.rand(7, 2, 2) * 1024, dim=1).values.flatten(1)
+    cases = [((points, labels), None), (None, boxes), ((points[:, :1], labels[:, :1]), boxes)]
+    factored = FactoredMaskDecoder(model.mask_decoder)
+    with torch.inference_mode():
+        for (point_prompt, box_prompt), multimask, chunk in zip(cases, (True, False, True), (3, 1, 64)):
+            sparse, dense = model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=None)
+            kwargs = {"image_embeddings": features, "image_pe": model.prompt_encoder.get_dense_pe()}
+            kwargs.update(sparse_prompt_embeddings=sparse, multimask_output=multimask)
+            logits, iou = model.mask_decoder(dense_prompt_embeddings=dense, **kwargs)
+            factored.prompt_chunk = chunk
+            ours, our_iou = factored(dense_prompt_embeddings=dense[:1], **kwargs)
+            assert ours.shape == logits.shape == (7, 3 if multimask else 1, 256, 256)
+            torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(our_iou, iou, atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="one image"):
+            factored(dense_prompt_embeddings=dense, **kwargs)
+
+
+def test_factored_backend_runs_mask_inputs_through_sams_decoder(toy_model):
+    """A mask input makes the dense embedding differ per prompt: the plain decoder serves it, bit for bit."""
+    eager, factored = Predictor(toy_model), Predictor(toy_model, backend="factored")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    mask_input = rng.normal(size=(2, 1, 64, 64)).astype(np.float32)
+    points, labels = np.array([[[10.0, 20.0]], [[40.0, 30.0]]]), np.ones((2, 1))
+    for p in (eager, factored):
+        p.set_image(image)
+    a = eager.predict(point_coords=points, point_labels=labels, mask_input=mask_input)
+    b = factored.predict(point_coords=points, point_labels=labels, mask_input=mask_input)
+    assert all((x == y).all() for x, y in zip(a, b))
 
 
 def test_exporting_the_decoder_leaves_the_model_in_eval_mode(tmp_path, toy_student):

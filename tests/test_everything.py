@@ -293,6 +293,17 @@ def test_onnx_backend_serves_everything_mode_with_the_same_masks(sam_run):
     assert (ious.max(axis=1) >= 0.95).mean() >= 0.95 and (ious.max(axis=0) >= 0.95).mean() >= 0.95
 
 
+def test_factored_backend_serves_everything_mode_with_sams_masks(sam_run):
+    """The factored decoder (same maths, other summation order) keeps every one of SAM's masks."""
+    model, rgb, sam = sam_run
+    ours = DenseMaskGenerator(model, backend="factored", output_mode="coco_rle", **SAM_KWARGS).generate(rgb)
+    sam_rles = [mask_utils.frPyObjects(m["segmentation"], *m["segmentation"]["size"]) for m in sam]
+    assert len(ours) == len(sam) > 3
+    ious = mask_utils.iou([m["segmentation"] for m in ours], sam_rles, [0] * len(sam))
+    assert (ious.max(axis=1) >= 0.95).all() and (ious.max(axis=0) >= 0.95).all()
+    assert max(abs(a["predicted_iou"] - b["predicted_iou"]) for a, b in zip(ours, sam)) < 1e-4
+
+
 def test_shipped_stuff_teacher_is_everything_modes_default_and_covers_more_in_round_one(tmp_path):
     """The default model of ``evaluate.py task=everything`` segments backgrounds, so round 2 has less left.
 

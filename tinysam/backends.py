@@ -1,4 +1,5 @@
-"""Inference backends of :class:`~tinysam.predictor.Predictor`: eager PyTorch, ``torch.compile``, onnxruntime.
+"""Inference backends of :class:`~tinysam.predictor.Predictor`: eager PyTorch (plain or with the mask
+decoder factored), ``torch.compile``, onnxruntime.
 
 Each backend runs the two halves of a SAM-family model: ``encode`` (normalised, padded
 images to image embeddings) and ``decode`` (prompts in the model's input frame to low-res
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-BACKENDS = ("eager", "compile", "onnx")
+BACKENDS = ("eager", "factored", "compile", "onnx")
 
 
 class EagerBackend:
@@ -37,19 +38,45 @@ class EagerBackend:
         mask_input: torch.Tensor | None,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._decode_with(self.mask_decoder, features, points, labels, boxes, mask_input, multimask_output)
+
+    def _decode_with(
+        self, decoder, features, points, labels, boxes, mask_input, multimask_output, one_dense: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the prompts and run ``decoder``; ``one_dense`` passes the dense embedding all prompts share once."""
         point_prompt = None if points is None else (points.float(), labels.int())
         sparse, dense = self.model.prompt_encoder(
             points=point_prompt,
             boxes=None if boxes is None else boxes.float(),
             masks=None if mask_input is None else mask_input.float(),
         )
-        return self.mask_decoder(
+        return decoder(
             image_embeddings=features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense[:1] if one_dense else dense,
             multimask_output=multimask_output,
         )
+
+
+class FactoredBackend(EagerBackend):
+    """Eager PyTorch with the mask decoder factored: image-side work done once for all prompts.
+
+    Point and box prompts go through :class:`~tinysam.models.factored_decoder.FactoredMaskDecoder`
+    (SAM's maths, summed in another order: outputs agree to float rounding); mask inputs, which
+    make the dense embedding differ per prompt, go through the plain decoder.
+    """
+
+    def __init__(self, model: Sam) -> None:
+        from tinysam.models.factored_decoder import FactoredMaskDecoder
+
+        super().__init__(model)
+        self.factored = FactoredMaskDecoder(model.mask_decoder)
+
+    def decode(self, features, points, labels, boxes, mask_input, multimask_output):
+        if mask_input is not None:
+            return super().decode(features, points, labels, boxes, mask_input, multimask_output)
+        return self._decode_with(self.factored, features, points, labels, boxes, None, multimask_output, one_dense=True)
 
 
 class CompiledBackend(EagerBackend):
@@ -119,6 +146,8 @@ def make_backend(name: str, model: Sam, onnx_dir: str | Path | None = None):
     """The backend called ``name`` (one of :data:`BACKENDS`) for ``model``."""
     if name == "eager":
         return EagerBackend(model)
+    if name == "factored":
+        return FactoredBackend(model)
     if name == "compile":
         return CompiledBackend(model)
     if name == "onnx":

@@ -53,8 +53,10 @@ class Predictor:
     """
 
     def __init__(self, model: Sam, backend: str = "eager", onnx_dir: str | Path | None = None) -> None:
-        """``backend``: ``eager``, ``compile`` (torch.compile) or ``onnx`` (onnxruntime on the models
-        in ``onnx_dir``, exported on the spot when not given); outputs agree to float tolerance."""
+        """``backend``: ``eager``, ``factored`` (eager, the decoder's image-side work shared by all
+        prompts: several times faster for many prompts), ``compile`` (torch.compile) or ``onnx``
+        (onnxruntime on the models in ``onnx_dir``, exported on the spot when not given); outputs
+        agree to float tolerance."""
         self.model = model.eval()
         self.backend = make_backend(backend, self.model, onnx_dir)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)

@@ -72,8 +72,8 @@ class MaskGenerator:
         min_mask_region_area: remove holes and islands smaller than this (needs OpenCV, as in SAM).
         output_mode: ``binary_mask``, ``uncompressed_rle`` or ``coco_rle``.
         upscale_chunk: masks upscaled to full resolution at a time (bounds peak memory).
-        backend, onnx_dir: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``compile``,
-            ``onnx``) and, for ``onnx``, a folder of exported or quantized (INT8) models.
+        backend, onnx_dir: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``factored``,
+            ``compile``, ``onnx``) and, for ``onnx``, a folder of exported or quantized (INT8) models.
     """
 
     def __init__(

@@ -46,7 +46,7 @@ class GroundedSegmenter:
         detector: an open-set detector (:class:`~tinysam.grounded.detector.GroundingDino`).
         model: any model :func:`~tinysam.models.build.load_model` returns (teacher, student,
             fake-quant directory).
-        backend: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``compile``, ``onnx``);
+        backend: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``factored``, ``compile``, ``onnx``);
             ``onnx_dir`` runs a written ONNX pair (the INT8 one of ``quantize.py``).
         nms_threshold: class-wise box NMS IoU (``1.0`` turns it off).
         multimask: keep the multimask output of highest predicted IoU (else the single-mask output).

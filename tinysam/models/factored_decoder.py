@@ -1,0 +1,243 @@
+"""SAM's mask decoder, factored so that the image side is computed once for all prompts of an image.
+
+SAM's ``MaskDecoder`` copies the image embedding once per prompt and runs every projection of the
+two-way transformer over each copy. Most of that work does not depend on the prompt, or can be
+moved to the prompt's few tokens:
+
+- in the first layer the image tokens are the same for every prompt, so their key, value and
+  query projections are computed once;
+- later, a projection of the (per-prompt) image tokens that only feeds an attention product is
+  folded into the prompt side: ``q (X Wk)ᵀ = (q Wk) Xᵀ``, ``A (X Wv) = (A X) Wv`` and
+  ``Σₕ Aₕ (Vₕ Woₕ)`` for the output projection, which costs ``heads x tokens`` (56) columns
+  per pixel instead of 128-256;
+- the positional encoding's projections are computed once per image;
+- the two stride-2 transposed convolutions of the upscaling become matrix products on
+  channels-last pixels, with one layer norm, and the final pixel order is restored only for
+  the masks that are returned.
+
+The maths is SAM's (same weights, same operations up to the order of floating-point sums), so the
+outputs agree with :class:`segment_anything.modeling.MaskDecoder` to float rounding, not bit for
+bit. It serves point and box prompts of one image (``dense_prompt_embeddings`` shared by all
+prompts, i.e. no mask input); :class:`tinysam.backends.FactoredBackend` falls back to the plain
+decoder otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from segment_anything.modeling.transformer import Attention, TwoWayTransformer
+from torch import Tensor, nn
+
+UPSCALE_ROWS = 1024  # image tokens upscaled at a time (16 x 32 activations each): keeps them in cache
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """(..., L, H*d) -> (..., H, L, d)."""
+    *lead, length, dim = x.shape
+    return x.reshape(*lead, length, num_heads, dim // num_heads).transpose(-3, -2)
+
+
+def _weight_heads(weight: Tensor, num_heads: int) -> Tensor:
+    """A projection's weight (H*d, C) as (H, d, C)."""
+    return weight.reshape(num_heads, weight.shape[0] // num_heads, weight.shape[1])
+
+
+def _per_head(a: Tensor, b: Tensor) -> Tensor:
+    """``einsum("nhtd,hxd->nhtx")`` as one batched product over heads; returns a (N, H, T, X) view."""
+    n, h, t, d = a.shape
+    out = torch.bmm(a.transpose(0, 1).reshape(h, n * t, d), b.transpose(1, 2))  # (H, N*T, X)
+    return out.view(h, n, t, -1).transpose(0, 1)
+
+
+def _scaled_heads(x: Tensor, num_heads: int) -> Tensor:
+    """Prompt-token projections (N, T, H*d) as heads (N, H, T, d), times SAM's 1/sqrt(d)."""
+    heads = _heads(x, num_heads)
+    return heads * (1.0 / math.sqrt(heads.shape[-1]))
+
+
+def shared_token_to_image(attn: Attention, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """``attn`` for prompt tokens (N, T, C) attending to image tokens every prompt shares.
+
+    ``keys`` and ``values`` are the image tokens' projections as heads (H, P, d), computed once.
+    """
+    q = _scaled_heads(attn.q_proj(queries), attn.num_heads)
+    n, h, t, d = q.shape
+    weights = torch.softmax(torch.bmm(q.transpose(0, 1).reshape(h, n * t, d), keys.transpose(1, 2)), dim=-1)
+    out = torch.bmm(weights, values).view(h, n, t, d)  # (H, N*T, P) @ (H, P, d)
+    return attn.out_proj(out.permute(1, 2, 0, 3).reshape(n, t, h * d))
+
+
+def token_to_image(attn: Attention, queries: Tensor, image: Tensor, pos_keys: Tensor) -> Tensor:
+    """``attn(q=queries, k=image + pe, v=image)`` for prompt tokens (N, T, C) and their image tokens (N, P, C).
+
+    The key and value projections of the image tokens are folded into the prompt side;
+    ``pos_keys`` is ``attn.k_proj(pe)`` (P, H*d), the positional encoding's keys (bias included).
+    """
+    q = _scaled_heads(attn.q_proj(queries), attn.num_heads)
+    n, h, t, d = q.shape
+    folded_k = torch.einsum("nhtd,hdc->nhtc", q, _weight_heads(attn.k_proj.weight, h))  # (N, H, T, C)
+    logits = (folded_k.reshape(n, h * t, -1) @ image.transpose(1, 2)).view(n, h, t, -1)
+    weights = torch.softmax(logits.add_(_per_head(q, _heads(pos_keys, h))), dim=-1)  # (N, H, T, P)
+    pooled = (weights.view(n, h * t, -1) @ image).view(n, h, t, -1)  # (N, H, T, C)
+    values = torch.einsum("nhtc,hdc->nhtd", pooled, _weight_heads(attn.v_proj.weight, h))
+    values = values + attn.v_proj.bias.view(h, 1, d)  # softmax rows sum to one
+    return attn.out_proj(values.transpose(1, 2).reshape(n, t, h * d))
+
+
+def _attend_tokens(attn: Attention, image: Tensor, logits: Tensor, values: Tensor) -> Tensor:
+    """``image`` (1 or N, P, C) plus the out-projected attention of ``logits`` (N, H, T, P) over ``values`` (N, T, C)."""
+    n, h, t, _ = logits.shape
+    weights = torch.softmax(logits, dim=2).reshape(n, h * t, -1)  # over each head's T tokens
+    out_heads = attn.out_proj.weight.reshape(-1, h, attn.internal_dim // h).permute(1, 2, 0)  # (H, d, C)
+    # each token's value, out-projected, with the bias split over heads (each head's weights sum to one)
+    projected = (_heads(attn.v_proj(values), h) @ out_heads + attn.out_proj.bias / h).reshape(n, h * t, -1)
+    return torch.baddbmm(image, weights.transpose(1, 2), projected)
+
+
+def shared_image_to_token(attn: Attention, image: Tensor, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """``image + attn(q=image + pe, k=keys, v=values)`` for shared image tokens (1, P, C), prompt tokens (N, T, C).
+
+    ``queries`` is the image tokens' query projection as heads (H, P, d), computed once. Returns (N, P, C).
+    """
+    k = _scaled_heads(attn.k_proj(keys), attn.num_heads)
+    return _attend_tokens(attn, image, _per_head(k, queries), values)
+
+
+def image_to_token(attn: Attention, image: Tensor, pos_queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """``image + attn(q=image + pe, k=keys, v=values)`` for image tokens (N, P, C) and prompt tokens (N, T, C).
+
+    The query projection of the image tokens is folded into the prompt side; ``pos_queries`` is
+    ``attn.q_proj(pe)`` (P, H*d). Returns (N, P, C).
+    """
+    k = _scaled_heads(attn.k_proj(keys), attn.num_heads)
+    n, h, t, _ = k.shape
+    folded_q = torch.einsum("hdc,nhtd->nhtc", _weight_heads(attn.q_proj.weight, h), k)  # (N, H, T, C)
+    logits = (folded_q.reshape(n, h * t, -1) @ image.transpose(1, 2)).view(n, h, t, -1)
+    return _attend_tokens(attn, image, logits.add_(_per_head(k, _heads(pos_queries, h))), values)
+
+
+@dataclass
+class ImageSide:
+    """What the decoder computes once per image, for all prompts.
+
+    ``tokens``: image tokens with the dense prompt added (1, P, C); ``first``: the first layer's
+    token-to-image keys and values and image-to-token queries, as heads (H, P, d); ``pos``: for
+    each later layer, ``k_proj(pe)`` of its token-to-image and ``q_proj(pe)`` of its image-to-token
+    attention; ``final_pos``: ``k_proj(pe)`` of the final token-to-image attention.
+    """
+
+    tokens: Tensor
+    first: tuple[Tensor, Tensor, Tensor]
+    pos: list[tuple[Tensor, Tensor]]
+    final_pos: Tensor
+
+
+class FactoredMaskDecoder(nn.Module):
+    """:class:`~segment_anything.modeling.MaskDecoder` on one image, image-side work shared across prompts.
+
+    Same call as the wrapped decoder (``image_embeddings`` (1, C, h, w), ``image_pe`` (1, C, h, w),
+    ``sparse_prompt_embeddings`` (N, T, C), ``dense_prompt_embeddings`` (1, C, h, w) shared by all
+    prompts, ``multimask_output``) and the same outputs (low-res logits (N, M, 4h, 4w), IoU (N, M)).
+    Holds no weights of its own: it runs the wrapped decoder's modules. Prompts run
+    ``prompt_chunk`` at a time, which keeps their image tokens in cache.
+    """
+
+    def __init__(self, decoder: MaskDecoder, prompt_chunk: int = 4) -> None:
+        super().__init__()
+        transformer = decoder.transformer
+        if not isinstance(transformer, TwoWayTransformer) or not transformer.layers[0].skip_first_layer_pe:
+            raise TypeError(f"FactoredMaskDecoder needs SAM's TwoWayTransformer, got {type(transformer).__name__}")
+        self.decoder = decoder
+        self.prompt_chunk = prompt_chunk
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        image_pe: Tensor,
+        sparse_prompt_embeddings: Tensor,
+        dense_prompt_embeddings: Tensor,
+        multimask_output: bool,
+    ) -> tuple[Tensor, Tensor]:
+        if image_embeddings.shape[0] != 1 or dense_prompt_embeddings.shape[0] != 1:
+            raise ValueError(
+                "FactoredMaskDecoder decodes prompts of one image: image_embeddings and dense_prompt_embeddings "
+                f"need batch 1, got {image_embeddings.shape[0]} and {dense_prompt_embeddings.shape[0]}"
+            )
+        dec = self.decoder
+        side = self.image_side(image_embeddings + dense_prompt_embeddings, image_pe)
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        mlps = list(dec.output_hypernetworks_mlps)[mask_slice]
+        masks, iou_pred = [], []
+        for sparse in sparse_prompt_embeddings.split(self.prompt_chunk):
+            tokens = torch.cat((output_tokens.expand(len(sparse), -1, -1), sparse), dim=1)
+            queries, image = self._transformer(tokens, side)
+            mask_tokens = queries[:, 1 : 1 + dec.num_mask_tokens][:, mask_slice]
+            hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)  # (n, M, C/8)
+            masks.append(self._upscaled_masks(image, hyper_in, *image_embeddings.shape[2:]))
+            iou_pred.append(dec.iou_prediction_head(queries[:, 0])[:, mask_slice])
+        return torch.cat(masks), torch.cat(iou_pred)
+
+    def image_side(self, image: Tensor, image_pe: Tensor) -> ImageSide:
+        """The prompt-independent work on image tokens (1, C, h, w) (dense prompt added) and their encoding."""
+        transformer = self.decoder.transformer
+        tokens = image.flatten(2).transpose(1, 2)  # (1, P, C)
+        pe = image_pe.flatten(2).transpose(1, 2)[0]
+        first = transformer.layers[0]
+        t2i, i2t, h = first.cross_attn_token_to_image, first.cross_attn_image_to_token, transformer.num_heads
+        keyed = tokens[0] + pe
+        shared = (_heads(t2i.k_proj(keyed), h), _heads(t2i.v_proj(tokens[0]), h), _heads(i2t.q_proj(keyed), h))
+        pos = [
+            (layer.cross_attn_token_to_image.k_proj(pe), layer.cross_attn_image_to_token.q_proj(pe))
+            for layer in transformer.layers[1:]
+        ]
+        return ImageSide(tokens, shared, pos, transformer.final_attn_token_to_image.k_proj(pe))
+
+    def _transformer(self, tokens: Tensor, side: ImageSide) -> tuple[Tensor, Tensor]:
+        """SAM's ``TwoWayTransformer`` on prompt tokens (n, T, C); returns them and their image tokens (n, P, C)."""
+        transformer = self.decoder.transformer
+        first = transformer.layers[0]
+        queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
+        queries = first.norm2(queries + shared_token_to_image(first.cross_attn_token_to_image, queries + tokens, *side.first[:2]))
+        queries = first.norm3(queries + first.mlp(queries))
+        i2t = first.cross_attn_image_to_token
+        image = first.norm4(shared_image_to_token(i2t, side.tokens, side.first[2], queries + tokens, queries))
+        for layer, (pos_keys, pos_queries) in zip(transformer.layers[1:], side.pos):
+            q = queries + tokens
+            queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+            queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, image, pos_keys))
+            queries = layer.norm3(queries + layer.mlp(queries))
+            i2t = layer.cross_attn_image_to_token
+            image = layer.norm4(image_to_token(i2t, image, pos_queries, queries + tokens, queries))
+        final = transformer.final_attn_token_to_image
+        queries = queries + token_to_image(final, queries + tokens, image, side.final_pos)
+        return transformer.norm_final_attn(queries), image
+
+    def _upscaled_masks(self, image: Tensor, hyper_in: Tensor, height: int, width: int) -> Tensor:
+        """``output_upscaling`` on image tokens (N, P, C) as channels-last matrix products, then the masks.
+
+        Runs over blocks of ``UPSCALE_ROWS`` pixels of one prompt at a time, so that the upscaled
+        activations (16 pixels x C/8 channels per token) stay in cache.
+        """
+        conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
+        n, p, c = image.shape
+        c1, c2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
+        # a 2x2 stride-2 transposed convolution maps each pixel to its 2x2 block: (C_in, [a, b, C_out])
+        w1, b1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1), conv1.bias.repeat(4)
+        w2, b2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2), conv2.bias.repeat(4)
+        masks = image.new_empty(n, p, 16, m)  # pixel (i, j), sub-pixel (a, b, c, d), mask
+        for i in range(n):
+            for start in range(0, p, UPSCALE_ROWS):
+                rows = image[i, start : start + UPSCALE_ROWS]
+                up = torch.addmm(b1, rows, w1).view(-1, c1)
+                up = act1(F.layer_norm(up, (c1,), norm.weight, norm.bias, norm.eps))
+                up = act2(torch.addmm(b2, up, w2)).view(-1, c2)  # rows (pixel, a, b, c, d)
+                torch.mm(up, hyper_in[i].T, out=masks[i, start : start + len(rows)].view(-1, m))
+        # pixel (4i + 2a + c, 4j + 2b + d) of mask m
+        masks = masks.view(n, height, width, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(n, m, 4 * height, 4 * width)
