@@ -321,9 +321,7 @@ def test_shipped_stuff_teacher_is_everything_modes_default_and_covers_more_in_ro
     round_two = {}
     for name in ("toy_teacher", "toy_teacher_stuff"):
         model = build_teacher("vit_toy", asset_path(f"{name}.safetensors"))
-        gen = HierarchicalMaskGenerator(
-            model, pred_iou_thresh=0.7, stability_score_thresh=0.85, high_score_thresh=4
-        )
+        gen = HierarchicalMaskGenerator(model, pred_iou_thresh=0.7, stability_score_thresh=0.85, high_score_thresh=4)
         round_two[name] = 0
         for path in sorted((world / "val").glob("*.jpg")):
             gen.generate(np.asarray(load_image(path)))

@@ -203,14 +203,18 @@ class FactoredMaskDecoder(nn.Module):
         transformer = self.decoder.transformer
         first = transformer.layers[0]
         queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
-        queries = first.norm2(queries + shared_token_to_image(first.cross_attn_token_to_image, queries + tokens, *side.first[:2]))
+        queries = first.norm2(
+            queries + shared_token_to_image(first.cross_attn_token_to_image, queries + tokens, *side.first[:2])
+        )
         queries = first.norm3(queries + first.mlp(queries))
         i2t = first.cross_attn_image_to_token
         image = first.norm4(shared_image_to_token(i2t, side.tokens, side.first[2], queries + tokens, queries))
         for layer, (pos_keys, pos_queries) in zip(transformer.layers[1:], side.pos):
             q = queries + tokens
             queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
-            queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, image, pos_keys))
+            queries = layer.norm2(
+                queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, image, pos_keys)
+            )
             queries = layer.norm3(queries + layer.mlp(queries))
             i2t = layer.cross_attn_image_to_token
             image = layer.norm4(image_to_token(i2t, image, pos_queries, queries + tokens, queries))
