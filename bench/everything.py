@@ -16,7 +16,7 @@ threshold no logit passes): the share of dense masks the paper's point set finds
 
 Part 2, speed (``--speed-images`` photos at ``--speed-side`` px, ``tinyvit_5m``): SAM's
 ``SamAutomaticMaskGenerator(crop_n_layers=0)`` against our dense generator on the same model and
-thresholds (SAM's 0.88 / 0.95; our eager path, onnxruntime, and onnxruntime on the W8A8 model that
+thresholds (SAM's 0.88 / 0.95; our eager path, the factored decoder, onnxruntime, and onnxruntime on the W8A8 model that
 ``quantize_model`` writes, calibrated min-max on the last reference photo), with the share of masks matched at
 IoU >= 0.95 both ways. The student's weights are the reference state dict when
 ``../shared/reference`` is there, else seeded random ones.
@@ -193,6 +193,7 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
         rows = [
             Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **speed_kwargs)),
             Row("dense", DenseMaskGenerator(model, **speed_kwargs)),
+            Row("dense, backend=factored", DenseMaskGenerator(model, backend="factored", **speed_kwargs)),
             Row("dense, backend=onnx", DenseMaskGenerator(model, backend="onnx", **speed_kwargs)),
             Row("dense, backend=onnx, W8A8", DenseMaskGenerator(model, backend="onnx", onnx_dir=int8, **speed_kwargs)),
         ]
