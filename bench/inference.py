@@ -6,7 +6,7 @@ warm-up), GFLOP/s and its share of this machine's measured fp32 matmul peak, mas
 latency per prompt batch, peak resident memory (each backend in its own process), and the
 max abs difference of its embedding from eager's.
 
-    python bench/inference.py [--runs 5] [--backends eager,eager_channels_last,compile,onnx] [--device cpu|cuda]
+    python bench/inference.py [--runs 5] [--backends eager,eager_channels_last,factored,compile,onnx] [--device cpu|cuda]
     (on cuda, eager and compile also run in bf16 autocast)
 """
 
@@ -102,10 +102,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backends", default=None, help="default: eager,eager_channels_last,compile,onnx (cpu)")
+    parser.add_argument(
+        "--backends", default=None, help="default: eager,eager_channels_last,factored,compile,onnx (cpu)"
+    )
     args = parser.parse_args()
     default = (
-        "eager,eager_channels_last,compile,onnx" if args.device == "cpu" else "eager,compile,eager_bf16,compile_bf16"
+        "eager,eager_channels_last,factored,compile,onnx"
+        if args.device == "cpu"
+        else "eager,factored,compile,eager_bf16,compile_bf16"
     )
     backends = (args.backends or default).split(",")
     gflop = encoder_gflop()
