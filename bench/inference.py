@@ -4,7 +4,8 @@ Same weights (the seeded reference weights of the official architecture when pre
 seeded random init), same input. Per backend: encoder latency (median of --runs after a
 warm-up), GFLOP/s and its share of this machine's measured fp32 matmul peak, mask-decoder
 latency per prompt batch, peak resident memory (each backend in its own process), and the
-max abs difference of its embedding from eager's.
+max abs difference of its embedding from eager's; for the factored decoder, time per prompt by
+prompts per chunk (its ``prompt_chunk``).
 
     python bench/inference.py [--runs 5] [--backends eager,eager_channels_last,factored,compile,onnx] [--device cpu|cuda]
     (on cuda, eager and compile also run in bf16 autocast)
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tinysam_vit_t_seed0.safetensors"
 PROMPT_BATCHES = (1, 16, 64)
+PROMPT_CHUNKS = (1, 2, 4, 8, 16, 64)  # the factored decoder's prompts per chunk, timed on the 64-box batch
 
 
 def build(device: str):
@@ -79,10 +81,19 @@ def measure(backend: str, device: str, runs: int, onnx_dir: str, queue) -> None:
         for n in PROMPT_BATCHES:
             boxes = torch.tensor([[100.0, 100.0, 600.0, 700.0]], device=features.device).repeat(n, 1)
             decoder_s[n] = timed(lambda b=boxes: predictor.decode(boxes=b), runs, device)
+        chunk_s = {}
+        if name == "factored":
+            factored, default_chunk = predictor.backend.factored, predictor.backend.factored.prompt_chunk
+            for chunk in PROMPT_CHUNKS:
+                factored.prompt_chunk = chunk
+                chunk_s[chunk] = timed(lambda b=boxes: predictor.decode(boxes=b), runs, device) / len(boxes)
+            factored.prompt_chunk = default_chunk
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     diff = float((features.float().to(reference.device) - reference).abs().max())
     memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else (peak - base_rss) / 1024
-    queue.put({"encoder_s": encoder_s, "decoder_s": decoder_s, "memory_mib": memory, "max_abs_diff": diff})
+    queue.put(
+        {"encoder_s": encoder_s, "decoder_s": decoder_s, "memory_mib": memory, "max_abs_diff": diff, "chunk_s": chunk_s}
+    )
 
 
 def matmul_peak(device: str, n: int = 2048, runs: int = 5) -> float:
@@ -153,6 +164,9 @@ def main() -> None:
         cells += [f"{1000 * r['decoder_s'][n]:.1f}" for n in PROMPT_BATCHES]
         cells += [f"{r['memory_mib']:.0f}", f"{r['max_abs_diff']:.1e}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if results.get("factored", {}).get("chunk_s"):
+        sweep = ", ".join(f"{c}: {1000 * t:.1f}" for c, t in results["factored"]["chunk_s"].items())
+        print(f"factored decoder, {PROMPT_BATCHES[-1]} boxes, ms per prompt by prompts per chunk: {sweep}")
     fastest = min((r["encoder_s"], n) for n, r in results.items() if not n.endswith("bf16"))
     print(f"fastest float path: {fastest[1]}, {eager / fastest[0]:.2f}x eager (target >= 2x)")
 

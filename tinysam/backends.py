@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
+from tinysam.models.factored_decoder import FactoredMaskDecoder
+
 BACKENDS = ("eager", "factored", "compile", "onnx")
 
 
@@ -68,8 +70,6 @@ class FactoredBackend(EagerBackend):
     """
 
     def __init__(self, model: Sam) -> None:
-        from tinysam.models.factored_decoder import FactoredMaskDecoder
-
         super().__init__(model)
         self.factored = FactoredMaskDecoder(model.mask_decoder)
 
