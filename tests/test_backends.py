@@ -138,6 +138,8 @@ def test_factored_decoder_matches_sams_decoder(reference_student):
             assert ours.shape == logits.shape == (7, 3 if multimask else 1, 256, 256)
             torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(our_iou, iou, atol=1e-5, rtol=1e-4)
+        empty = factored(dense_prompt_embeddings=dense[:1], **{**kwargs, "sparse_prompt_embeddings": sparse[:0]})
+        assert [t.shape for t in empty] == [(0, 3, 256, 256), (0, 3)]
         with pytest.raises(ValueError, match="one image"):
             factored(dense_prompt_embeddings=dense, **kwargs)
 

@@ -173,6 +173,9 @@ class FactoredMaskDecoder(nn.Module):
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         mlps = list(dec.output_hypernetworks_mlps)[mask_slice]
+        if len(sparse_prompt_embeddings) == 0:
+            h, w = image_embeddings.shape[2:]
+            return image_embeddings.new_zeros(0, len(mlps), 4 * h, 4 * w), image_embeddings.new_zeros(0, len(mlps))
         masks, iou_pred = [], []
         for sparse in sparse_prompt_embeddings.split(self.prompt_chunk):
             tokens = torch.cat((output_tokens.expand(len(sparse), -1, -1), sparse), dim=1)
