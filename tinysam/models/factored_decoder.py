@@ -34,6 +34,7 @@ from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 from torch import Tensor, nn
 
 UPSCALE_ROWS = 1024  # image tokens upscaled at a time (16 x 32 activations each): keeps them in cache
+CHUNK_BYTES = 16 * 2**20  # image tokens of the prompts that go through the transformer together
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -144,10 +145,11 @@ class FactoredMaskDecoder(nn.Module):
     ``sparse_prompt_embeddings`` (N, T, C), ``dense_prompt_embeddings`` (1, C, h, w) shared by all
     prompts, ``multimask_output``) and the same outputs (low-res logits (N, M, 4h, 4w), IoU (N, M)).
     Holds no weights of its own: it runs the wrapped decoder's modules. Prompts run
-    ``prompt_chunk`` at a time, which keeps their image tokens in cache.
+    ``prompt_chunk`` at a time (default: as many as have 16 MiB of image tokens, 4 at 1024 px),
+    which keeps their image tokens in cache.
     """
 
-    def __init__(self, decoder: MaskDecoder, prompt_chunk: int = 4) -> None:
+    def __init__(self, decoder: MaskDecoder, prompt_chunk: int | None = None) -> None:
         super().__init__()
         transformer = decoder.transformer
         if not isinstance(transformer, TwoWayTransformer) or not transformer.layers[0].skip_first_layer_pe:
@@ -177,7 +179,8 @@ class FactoredMaskDecoder(nn.Module):
             h, w = image_embeddings.shape[2:]
             return image_embeddings.new_zeros(0, len(mlps), 4 * h, 4 * w), image_embeddings.new_zeros(0, len(mlps))
         masks, iou_pred = [], []
-        for sparse in sparse_prompt_embeddings.split(self.prompt_chunk):
+        chunk = self.prompt_chunk or max(1, CHUNK_BYTES // side.tokens[0].nelement() // side.tokens.element_size())
+        for sparse in sparse_prompt_embeddings.split(chunk):
             tokens = torch.cat((output_tokens.expand(len(sparse), -1, -1), sparse), dim=1)
             queries, image = self._transformer(tokens, side)
             mask_tokens = queries[:, 1 : 1 + dec.num_mask_tokens][:, mask_slice]
