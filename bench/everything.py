@@ -6,7 +6,8 @@ Part 1, toy world (256 px, ``--images`` validation images, ``--stuff-regions`` a
 regions, default 4): every generator on every image, interleaved, on the same model (default: the
 shipped toy teacher trained to segment backgrounds too, ``toy_teacher_stuff``; the objects-only toy
 teacher is ``--checkpoint tinysam/assets/toy_teacher.safetensors --stuff-regions 0``), at toy
-thresholds (``--pred-iou-thresh 0.7 --stability-score-thresh 0.85``). Per row: seconds per image,
+thresholds (``--pred-iou-thresh 0.7 --stability-score-thresh 0.85``); dense runs on SAM's decoder
+and on the factored one (``backend="factored"``). Per row: seconds per image,
 prompts per round, masks, recall of the dense masks (a dense mask counts when the row has one at
 mask IoU >= 0.9), class-agnostic mask AR@100 against the toy ground truth, and peak memory
 (resident-set growth during ``generate``). Hierarchical and adaptive run at each
@@ -125,6 +126,7 @@ def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
     rows = [
         Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **kwargs)),
         Row("dense", DenseMaskGenerator(model, **kwargs)),
+        Row("dense, backend=factored", DenseMaskGenerator(model, backend="factored", **kwargs)),
     ]
     for high in args.high_score_thresh:
         for name, cls in (("hierarchical", HierarchicalMaskGenerator), ("adaptive", AdaptiveMaskGenerator)):
