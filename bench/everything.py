@@ -45,7 +45,9 @@ from tinysam.data.coco import load_coco_instances
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image
 from tinysam.eval.coco_instances import score_proposals
+from tinysam.everything.base import grid_points
 from tinysam.models.build import load_model
+from tinysam.predictor import Predictor
 from tinysam.quant.run import quantize_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -153,8 +155,10 @@ def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
         f"\nToy world, {n} images 256 px (stuff_regions={args.stuff_regions}), vit_toy {checkpoint}, "
         f"{torch.get_num_threads()} threads; {kwargs}"
     )
-    print("| generator | s / image | speed-up vs dense | prompts / image (per round) | masks / image "
-          "| dense masks recovered (IoU >= 0.9) | mask AR@100 vs GT | peak memory MB |")
+    print(
+        "| generator | s / image | speed-up vs dense | prompts / image (per round) | masks / image "
+        "| dense masks recovered (IoU >= 0.9) | mask AR@100 vs GT | peak memory MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         hit, total = row.found
@@ -170,6 +174,25 @@ def quantized_onnx(photo: np.ndarray, weights: Path | None, out: Path) -> Path:
     with torch.inference_mode(False), torch.enable_grad():  # calibration needs gradients
         quantize_model(load_model("tinyvit_5m", weights), [photo], out, method="minmax", points_per_side=2)
     return out
+
+
+def decoder_agreement(model, rgb: np.ndarray, points_per_side: int, prompts: int = 64) -> tuple[float, int, int, float]:
+    """SAM's decoder against the factored one on the first ``prompts`` grid points of ``rgb``, all three masks each.
+
+    Returns the max abs difference of the low-res logits, how many of the masks (logit > 0) agree
+    at IoU >= 0.95, of how many, and the lowest IoU.
+    """
+    eager, factored = Predictor(model), Predictor(model, backend="factored")
+    eager.set_image(rgb)
+    factored.set_embedding(eager.features, eager.original_size)
+    points = grid_points(points_per_side, rgb.shape[:2])[:prompts]
+    coords = torch.as_tensor(eager.transform.apply_coords(points, eager.original_size), dtype=torch.float32)[:, None]
+    labels = torch.ones(len(points), 1, dtype=torch.int)
+    ours, sams = factored.decode(coords, labels)[0], eager.decode(coords, labels)[0]
+    a, b = (ours > model.mask_threshold).flatten(2), (sams > model.mask_threshold).flatten(2)
+    union = (a | b).sum(-1)
+    iou = torch.where(union > 0, (a & b).sum(-1) / union.clamp(min=1), 1.0)
+    return float((ours - sams).abs().max()), int((iou >= 0.95).sum()), iou.numel(), float(iou.min())
 
 
 def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
@@ -205,14 +228,17 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
             for row, masks in zip(rows, [sam, *ours]):
                 acc = matched[row.name]
                 acc[:] = [a + b for a, b in zip(acc, recovered(sam, masks, 0.95) + recovered(masks, sam, 0.95))]
+        agreement = decoder_agreement(model, images[0], args.speed_points)
     n = len(images)
     print(
         f"\nSpeed: {n} image(s), longest side {args.speed_side} px, tinyvit_5m "
         f"({'reference weights' if weights else 'random weights'}), {torch.get_num_threads()} threads; "
         f"{speed_kwargs}; W8A8: quantize_model, min-max on the last reference photo"
     )
-    print("| generator | s / image | speed-up | prompts / image | masks / image | SAM's masks it has (IoU >= 0.95) "
-          "| its masks SAM has | peak memory MB |")
+    print(
+        "| generator | s / image | speed-up | prompts / image | masks / image | SAM's masks it has (IoU >= 0.95) "
+        "| its masks SAM has | peak memory MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         a, b, c, d = matched[row.name]
@@ -220,6 +246,11 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
             f"| {row.name} | {row.seconds / n:.2f} | {rows[0].seconds / row.seconds:.2f}x | {row.prompts_text()} "
             f"| {row.masks / n:.1f} | {a}/{b} | {c}/{d} | {row.peak / 2**20:.0f} |"
         )
+    diff, same, total, lowest = agreement
+    print(
+        f"Factored vs SAM's decoder, first image, first {total // 3} grid prompts x 3 masks (before any filter): "
+        f"max abs logit difference {diff:.1e}, {same}/{total} masks at IoU >= 0.95, lowest IoU {lowest:.4f}"
+    )
 
 
 def main() -> None:
