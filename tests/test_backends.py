@@ -158,6 +158,18 @@ def test_factored_backend_runs_mask_inputs_through_sams_decoder(toy_model):
     assert all((x == y).all() for x, y in zip(a, b))
 
 
+def test_factored_backend_refuses_a_quantized_decoder():
+    """Folding projections would bypass fake-quantized layers: a quantized model says which backend to use."""
+    from tinysam.quant.fake_quant import wrap_model
+
+    torch.manual_seed(0)
+    model = build_student("tinyvit_toy").eval()
+    Predictor(model, backend="factored")  # float: fine
+    wrap_model(model)
+    with pytest.raises(TypeError, match=r"cross_attn_token_to_image is a QuantDecoderAttention .*backend='eager'"):
+        Predictor(model, backend="factored")
+
+
 def test_exporting_the_decoder_leaves_the_model_in_eval_mode(tmp_path, toy_student):
     """torch.onnx.export restores the wrapper's training mode on the whole model: the wrapper must be in eval."""
     from tinysam.models.onnx import export_decoder

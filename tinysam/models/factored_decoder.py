@@ -25,10 +25,12 @@ decoder otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 from torch import Tensor, nn
@@ -122,6 +124,23 @@ def image_to_token(attn: Attention, image: Tensor, pos_queries: Tensor, keys: Te
     return _attend_tokens(attn, image, logits.add_(_per_head(k, _heads(pos_queries, h))), values)
 
 
+def _bypassed(decoder: MaskDecoder) -> Iterator[tuple[str, nn.Module, type]]:
+    """The modules whose weights the factoring uses without calling them, each with the exact type it assumes."""
+    transformer = decoder.transformer
+    attentions = {
+        f"transformer.layers.{i}.{kind}": getattr(layer, kind)
+        for i, layer in enumerate(transformer.layers)
+        for kind in ("cross_attn_token_to_image", "cross_attn_image_to_token")
+    }
+    attentions["transformer.final_attn_token_to_image"] = transformer.final_attn_token_to_image
+    for name, attn in attentions.items():
+        yield name, attn, Attention
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            yield f"{name}.{proj}", getattr(attn, proj), nn.Linear
+    for index, kind in ((0, nn.ConvTranspose2d), (1, LayerNorm2d), (3, nn.ConvTranspose2d)):
+        yield f"output_upscaling.{index}", decoder.output_upscaling[index], kind
+
+
 @dataclass
 class ImageSide:
     """What the decoder computes once per image, for all prompts.
@@ -154,6 +173,12 @@ class FactoredMaskDecoder(nn.Module):
         transformer = decoder.transformer
         if not isinstance(transformer, TwoWayTransformer) or not transformer.layers[0].skip_first_layer_pe:
             raise TypeError(f"FactoredMaskDecoder needs SAM's TwoWayTransformer, got {type(transformer).__name__}")
+        for name, module, kind in _bypassed(decoder):
+            if type(module) is not kind:
+                raise TypeError(
+                    f"FactoredMaskDecoder runs SAM's float decoder, but mask_decoder.{name} is a "
+                    f"{type(module).__name__} (a quantized model?); decode it with backend='eager' or 'onnx'"
+                )
         self.decoder = decoder
         self.prompt_chunk = prompt_chunk
 
