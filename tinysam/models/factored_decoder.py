@@ -63,6 +63,18 @@ def _scaled_heads(x: Tensor, num_heads: int) -> Tensor:
     return heads * (1.0 / math.sqrt(heads.shape[-1]))
 
 
+def _image_logits(heads: Tensor, weight: Tensor, image: Tensor, pos: Tensor) -> Tensor:
+    """``heads · (image Wᵀ + pos)`` per head, (N, H, T, P), for prompt-token heads (N, H, T, d) and image tokens (N, P, C).
+
+    ``weight`` (H*d, C) is the image tokens' projection, folded into the heads instead of applied
+    to every image token; ``pos`` (P, H*d) is the positional encoding's projection (bias included).
+    """
+    n, h, t, _ = heads.shape
+    folded = torch.einsum("nhtd,hdc->nhtc", heads, _weight_heads(weight, h))  # (N, H, T, C)
+    logits = (folded.reshape(n, h * t, -1) @ image.transpose(1, 2)).view(n, h, t, -1)
+    return logits.add_(_per_head(heads, _heads(pos, h)))
+
+
 def shared_token_to_image(attn: Attention, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """``attn`` for prompt tokens (N, T, C) attending to image tokens every prompt shares.
 
@@ -83,9 +95,7 @@ def token_to_image(attn: Attention, queries: Tensor, image: Tensor, pos_keys: Te
     """
     q = _scaled_heads(attn.q_proj(queries), attn.num_heads)
     n, h, t, d = q.shape
-    folded_k = torch.einsum("nhtd,hdc->nhtc", q, _weight_heads(attn.k_proj.weight, h))  # (N, H, T, C)
-    logits = (folded_k.reshape(n, h * t, -1) @ image.transpose(1, 2)).view(n, h, t, -1)
-    weights = torch.softmax(logits.add_(_per_head(q, _heads(pos_keys, h))), dim=-1)  # (N, H, T, P)
+    weights = torch.softmax(_image_logits(q, attn.k_proj.weight, image, pos_keys), dim=-1)  # (N, H, T, P)
     pooled = (weights.view(n, h * t, -1) @ image).view(n, h, t, -1)  # (N, H, T, C)
     values = torch.einsum("nhtc,hdc->nhtd", pooled, _weight_heads(attn.v_proj.weight, h))
     values = values + attn.v_proj.bias.view(h, 1, d)  # softmax rows sum to one
@@ -118,10 +128,7 @@ def image_to_token(attn: Attention, image: Tensor, pos_queries: Tensor, keys: Te
     ``attn.q_proj(pe)`` (P, H*d). Returns (N, P, C).
     """
     k = _scaled_heads(attn.k_proj(keys), attn.num_heads)
-    n, h, t, _ = k.shape
-    folded_q = torch.einsum("hdc,nhtd->nhtc", _weight_heads(attn.q_proj.weight, h), k)  # (N, H, T, C)
-    logits = (folded_q.reshape(n, h * t, -1) @ image.transpose(1, 2)).view(n, h, t, -1)
-    return _attend_tokens(attn, image, logits.add_(_per_head(k, _heads(pos_queries, h))), values)
+    return _attend_tokens(attn, image, _image_logits(k, attn.q_proj.weight, image, pos_queries), values)
 
 
 def _bypassed(decoder: MaskDecoder) -> Iterator[tuple[str, nn.Module, type]]:
