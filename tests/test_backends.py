@@ -142,6 +142,18 @@ def test_factored_decoder_matches_sams_decoder(reference_student):
         assert [t.shape for t in empty] == [(0, 3, 256, 256), (0, 3)]
         with pytest.raises(ValueError, match="one image"):
             factored(dense_prompt_embeddings=dense, **kwargs)
+    # outside inference mode too (Predictor.decode does not turn gradients off), and differentiable
+    features.requires_grad_(True)
+    sparse, dense = model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+    kwargs.update(
+        image_embeddings=features, sparse_prompt_embeddings=sparse, image_pe=model.prompt_encoder.get_dense_pe()
+    )
+    logits, _ = model.mask_decoder(dense_prompt_embeddings=dense, **kwargs)
+    ours, _ = factored(dense_prompt_embeddings=dense[:1], **kwargs)
+    torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
+    (grad,) = torch.autograd.grad(ours[:, :, :8, :8].sum(), features)
+    (expected,) = torch.autograd.grad(logits[:, :, :8, :8].sum(), features)
+    torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-3)
 
 
 def test_factored_backend_runs_mask_inputs_through_sams_decoder(toy_model):

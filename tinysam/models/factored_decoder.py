@@ -267,19 +267,20 @@ class FactoredMaskDecoder(nn.Module):
         activations (16 pixels x C/8 channels per token) stay in cache.
         """
         conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
-        n, p, c = image.shape
+        n, _, c = image.shape
         c1, c2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
         # a 2x2 stride-2 transposed convolution maps each pixel to its 2x2 block: (C_in, [a, b, C_out])
         w1, b1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1), conv1.bias.repeat(4)
         w2, b2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2), conv2.bias.repeat(4)
-        masks = image.new_empty(n, p, 16, m)  # pixel (i, j), sub-pixel (a, b, c, d), mask
+        per_prompt = []
         for i in range(n):
-            for start in range(0, p, UPSCALE_ROWS):
-                rows = image[i, start : start + UPSCALE_ROWS]
+            blocks = []
+            for rows in image[i].split(UPSCALE_ROWS):
                 up = torch.addmm(b1, rows, w1).view(-1, c1)
                 up = act1(F.layer_norm(up, (c1,), norm.weight, norm.bias, norm.eps))
                 up = act2(torch.addmm(b2, up, w2)).view(-1, c2)  # rows (pixel, a, b, c, d)
-                torch.mm(up, hyper_in[i].T, out=masks[i, start : start + len(rows)].view(-1, m))
-        # pixel (4i + 2a + c, 4j + 2b + d) of mask m
-        masks = masks.view(n, height, width, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+                blocks.append(up @ hyper_in[i].T)
+            per_prompt.append(torch.cat(blocks))
+        # row (i, j, a, b, c, d) of prompt n is pixel (4i + 2a + c, 4j + 2b + d); column m is mask m
+        masks = torch.stack(per_prompt).view(n, height, width, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(n, m, 4 * height, 4 * width)
