@@ -45,6 +45,7 @@ from tinysam.data.coco import load_coco_instances
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image
 from tinysam.eval.coco_instances import score_proposals
+from tinysam.eval.prompt_miou import iou as mask_ious
 from tinysam.everything.base import grid_points
 from tinysam.models.build import load_model
 from tinysam.predictor import Predictor
@@ -189,10 +190,8 @@ def decoder_agreement(model, rgb: np.ndarray, points_per_side: int, prompts: int
     coords = torch.as_tensor(eager.transform.apply_coords(points, eager.original_size), dtype=torch.float32)[:, None]
     labels = torch.ones(len(points), 1, dtype=torch.int)
     ours, sams = factored.decode(coords, labels)[0], eager.decode(coords, labels)[0]
-    a, b = (ours > model.mask_threshold).flatten(2), (sams > model.mask_threshold).flatten(2)
-    union = (a | b).sum(-1)
-    iou = torch.where(union > 0, (a & b).sum(-1) / union.clamp(min=1), 1.0)
-    return float((ours - sams).abs().max()), int((iou >= 0.95).sum()), iou.numel(), float(iou.min())
+    ious = mask_ious(*((logits > model.mask_threshold).flatten(0, 1).numpy() for logits in (ours, sams)))
+    return float((ours - sams).abs().max()), int((ious >= 0.95).sum()), ious.size, float(ious.min())
 
 
 def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
