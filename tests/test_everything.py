@@ -147,9 +147,67 @@ def test_adaptive_stops_as_soon_as_a_batch_covers_everything(toy_student, image)
     gen = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=1)
     script = Scripted(torch.full((H, W), 20.0)).install(gen)
     assert len(gen.generate(image)) == 1 and gen.prompts_per_level == [1, 0, 0] and len(script.calls) == 1
-    nothing = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=100)
+    nothing = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=100, barren_neighbours=0)
     Scripted(torch.full((H, W), -20.0)).install(nothing)
     assert nothing.generate(image) == [] and nothing.prompts_per_level == [16, 64, 176]
+
+
+def near_miss_map() -> torch.Tensor:
+    """Every point's masks: a 36² block at logit 20 in a 40² one at logit 0: stability 36² / 40² = 0.81."""
+    logits = torch.full((H, W), -20.0)
+    logits[:40, :40] = 0.0
+    logits[:36, :36] = 20.0
+    return logits
+
+
+def points_with_few_prompted_neighbours(prompted: np.ndarray, level: np.ndarray, side: int, most: int) -> np.ndarray:
+    """The ``level`` points (flat grid indices) with at most ``most`` prompted 8-neighbours, by explicit loops."""
+    grid = np.zeros((side, side), dtype=bool)
+    grid.flat[prompted] = True
+    keep = []
+    for index in level:
+        r, c = divmod(int(index), side)
+        n = sum(
+            grid[r + dr, c + dc]
+            for dr in (-1, 0, 1)
+            for dc in (-1, 0, 1)
+            if (dr or dc) and 0 <= r + dr < side and 0 <= c + dc < side
+        )
+        if n <= most:
+            keep.append(index)
+    return np.array(keep, dtype=np.int64)
+
+
+@pytest.mark.parametrize(
+    "near_miss, iou, margin, barren",
+    [
+        (False, 0.99, 0.1, True),  # nothing anywhere
+        (True, 0.99, 0.1, False),  # near misses (0.81 >= 0.85 - 0.1): their neighbours stay in
+        (True, 0.99, 0.03, True),  # 0.81 < 0.85 - 0.03: not near enough
+        (True, 0.5, 0.1, True),  # predicted IoU below the filter: not a near miss whatever its stability
+    ],
+)
+def test_adaptive_skips_points_whose_prompted_neighbours_came_back_with_nothing(
+    toy_student, image, near_miss, iou, margin, barren
+):
+    gen = AdaptiveMaskGenerator(
+        toy_student, points_per_side=16, points_per_batch=1000, stability_score_thresh=0.85, near_miss_margin=margin
+    )
+    logits = near_miss_map() if near_miss else torch.full((H, W), -20.0)
+    script = Scripted(logits, iou=iou).install(gen)
+    assert gen.generate(image) == []  # stability below 0.85: nothing kept, nothing covered
+    levels = grid_levels(16, 3)
+    # One batch a level: levels 0 and 1 are prompted whole (a level-1 point has one level-0 neighbour) ...
+    expected = [levels[0], levels[1], levels[2]]
+    if barren:  # ... and level 2 keeps only points with at most one prompted neighbour (2 make it barren)
+        expected[2] = points_with_few_prompted_neighbours(np.concatenate(levels[:2]), levels[2], 16, 1)
+        assert 0 < len(expected[2]) < len(levels[2])
+    assert gen.prompts_per_level == [len(e) for e in expected]
+    dense = grid_points(16, (H, W))
+    for call, indices in zip(script.calls, expected):
+        np.testing.assert_array_equal(call, dense[indices])
+    with pytest.raises(ValueError, match="barren_neighbours"):
+        AdaptiveMaskGenerator(toy_student, points_per_side=16, barren_neighbours=9)
 
 
 def test_more_than_255_masks_get_their_areas(toy_student, image):

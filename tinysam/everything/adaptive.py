@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Generator
 
 import numpy as np
-import torch
 
-from tinysam.everything.base import MaskGenerator, grid_points, pixel_of
+from tinysam.everything.base import MaskGenerator, RoundFeedback, grid_points, pixel_of
 
 
 def grid_levels(points_per_side: int, n_levels: int = 3) -> list[np.ndarray]:
@@ -29,23 +28,43 @@ def grid_levels(points_per_side: int, n_levels: int = 3) -> list[np.ndarray]:
     return levels
 
 
+def neighbour_counts(cells: np.ndarray) -> np.ndarray:
+    """How many of each cell's 8 neighbours are set, for a 2-D boolean grid (cells off the grid count as unset)."""
+    h, w = cells.shape
+    padded = np.pad(cells, 1).astype(np.int64)
+    return sum(padded[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc)
+
+
 class AdaptiveMaskGenerator(MaskGenerator):
     """Prompts only points of SAM's dense grid, coarse to fine, each batch where nothing is covered yet.
 
     The grid is split into ``n_levels`` nested levels (:func:`grid_levels`). Within a level,
-    points are decoded ``points_per_batch`` at a time; before each batch, points on pixels that
-    an earlier mask covers with a logit above ``high_score_thresh`` are dropped. Coverage thus
-    grows batch by batch, so a fine level prompts only what the coarser ones left open, and a
-    level ends early when coverage leaves it nothing. Every prompt is a dense-grid point, so
-    each mask it finds is exactly the mask the dense generator finds for that point.
-    ``prompts_per_level`` tells how many points each level decoded in the last ``generate``.
+    points are decoded ``points_per_batch`` at a time. Before each batch two kinds of point are
+    dropped:
+
+    - covered: on a pixel that an earlier mask covers with a logit above ``high_score_thresh``;
+    - barren: at least ``barren_neighbours`` of its 8 grid neighbours were prompted and none of
+      them came near a mask, that is, none had an output passing the predicted-IoU filter with a
+      stability score of at least ``stability_score_thresh - near_miss_margin`` (0 disables this).
+
+    Coverage and prompted neighbours grow batch by batch, so a fine level prompts only what the
+    coarser ones left open, and a level ends early when nothing is left. Every prompt is a
+    dense-grid point, so each mask it finds is exactly the mask the dense generator finds for
+    that point. ``prompts_per_level`` tells how many points each level decoded in the last
+    ``generate``.
     """
 
-    def __init__(self, *args, n_levels: int = 3, **kwargs) -> None:
+    def __init__(
+        self, *args, n_levels: int = 3, barren_neighbours: int = 2, near_miss_margin: float = 0.1, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         if n_levels < 1 or 2 ** (n_levels - 1) > self.points_per_side:
             raise ValueError(f"n_levels={n_levels} needs points_per_side >= {2 ** (n_levels - 1)}")
+        if not 0 <= barren_neighbours <= 8:
+            raise ValueError(f"barren_neighbours must be 0 (off) to 8 grid neighbours, got {barren_neighbours}")
         self.n_levels = n_levels
+        self.barren_neighbours = barren_neighbours
+        self.near_miss_margin = near_miss_margin
         self.prompts_per_level: list[int] = []
 
     @property
@@ -53,19 +72,33 @@ class AdaptiveMaskGenerator(MaskGenerator):
         """Points decoded at each level of the last ``generate`` (its rounds are its batches)."""
         return self.prompts_per_level
 
-    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, torch.Tensor, None]:
-        points = grid_points(self.points_per_side, size)
+    def _barren(self, prompted: np.ndarray, fertile: np.ndarray) -> np.ndarray:
+        """Grid points (flat) with enough prompted neighbours, none of which came near a mask."""
+        if not self.barren_neighbours:
+            return np.zeros(prompted.size, dtype=bool)
+        barren = (neighbour_counts(prompted) >= self.barren_neighbours) & (neighbour_counts(fertile) == 0)
+        return barren.ravel()
+
+    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, RoundFeedback, None]:
+        side = self.points_per_side
+        points = grid_points(side, size)
         rows, cols = pixel_of(points, size)
         covered = np.zeros(size, dtype=bool)
+        prompted, fertile = np.zeros((side, side), dtype=bool), np.zeros((side, side), dtype=bool)
+        near_miss = self.stability_score_thresh - self.near_miss_margin
         self.prompts_per_level = []
-        for level in grid_levels(self.points_per_side, self.n_levels):
+        for level in grid_levels(side, self.n_levels):
             decoded = 0
             remaining = level
             while len(remaining):
-                remaining = remaining[~covered[rows[remaining], cols[remaining]]]
+                skip = covered[rows[remaining], cols[remaining]] | self._barren(prompted, fertile)[remaining]
+                remaining = remaining[~skip]
                 batch, remaining = remaining[: self.points_per_batch], remaining[self.points_per_batch :]
                 if not len(batch):
                     break
                 decoded += len(batch)
-                covered |= (yield points[batch]).cpu().numpy()
+                feedback = yield points[batch]
+                covered |= feedback.confident.cpu().numpy()
+                prompted.flat[batch] = True
+                fertile.flat[batch] = feedback.best_stability >= near_miss
             self.prompts_per_level.append(decoded)

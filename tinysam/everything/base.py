@@ -8,6 +8,7 @@ which points they prompt (:meth:`MaskGenerator._rounds`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,20 @@ def pixel_of(points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.
     rows = np.clip(np.floor(points[:, 1]).astype(np.int64), 0, h - 1)
     cols = np.clip(np.floor(points[:, 0]).astype(np.int64), 0, w - 1)
     return rows, cols
+
+
+@dataclass
+class RoundFeedback:
+    """What one round tells the sampler before its next round.
+
+    ``confident``: (H, W) pixels where a kept mask's logit is above ``high_score_thresh``.
+    ``best_stability``: per prompted point, the highest stability score among its outputs that
+    passed the predicted-IoU filter (0 when none did), so a sampler can tell near misses from
+    points that came back with nothing.
+    """
+
+    confident: torch.Tensor
+    best_stability: np.ndarray
 
 
 class MaskGenerator:
@@ -120,7 +135,7 @@ class MaskGenerator:
         return self.prompts_per_round
 
     def _rounds(self, size: tuple[int, int]) -> Iterator[np.ndarray]:
-        """The points of each round (XY pixels); a generator may look at earlier rounds' results."""
+        """The points of each round (XY pixels); each round's :class:`RoundFeedback` is sent back in."""
         raise NotImplementedError
 
     def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +145,8 @@ class MaskGenerator:
         labels = torch.ones(len(points), 1, dtype=torch.int, device=p.device)
         return p.decode(points=coords, labels=labels, multimask_output=True)
 
-    def _prompt(self, points: np.ndarray) -> tuple[MaskData, torch.Tensor]:
-        """Decode ``points`` in batches; return the masks passing the filters and where they are confident.
+    def _prompt(self, points: np.ndarray) -> tuple[MaskData, RoundFeedback]:
+        """Decode ``points`` in batches; return the masks passing the filters and the round's feedback.
 
         The same masks as SAM's generator, for less work: the predicted-IoU filter runs on the
         low-res logits, so only its survivors are upscaled to full resolution, ``upscale_chunk``
@@ -142,6 +157,7 @@ class MaskGenerator:
         threshold = self.predictor.model.mask_threshold
         kept = MaskData()
         confident = torch.zeros(size, dtype=torch.bool, device=self.predictor.device)
+        best_stability = torch.zeros(len(points), device=self.predictor.device)
         for start in range(0, len(points), self.points_per_batch):
             batch = points[start : start + self.points_per_batch]
             low_res, iou = self._decode(batch)
@@ -152,6 +168,7 @@ class MaskGenerator:
                 chunk = survivors[first : first + self.upscale_chunk]
                 logits = self.predictor.upscale(low_res[first : first + self.upscale_chunk, None])[:, 0]
                 stability = calculate_stability_score(logits, threshold, self.stability_score_offset)
+                best_stability.scatter_reduce_(0, start + chunk // 3, stability.nan_to_num(0.0), "amax")
                 stable = stability >= self.stability_score_thresh  # NaN (an empty mask) is never stable
                 if not stable.any():
                     continue
@@ -170,7 +187,7 @@ class MaskGenerator:
                         stability_score=stability,
                     )
                 )
-        return kept, confident
+        return kept, RoundFeedback(confident, best_stability.cpu().numpy())
 
     def _suppress(self, data: MaskData) -> MaskData:
         keep = batched_nms(
@@ -238,10 +255,10 @@ class MaskGenerator:
         points = next(rounds)
         while True:
             self.prompts_per_round.append(len(points))
-            round_data, confident = self._prompt(points)
+            round_data, feedback = self._prompt(points)
             per_round.append(round_data)
             try:
-                points = rounds.send(confident)
+                points = rounds.send(feedback)
             except StopIteration:
                 break
         data = MaskData()

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Generator
 
 import numpy as np
-import torch
 
-from tinysam.everything.base import MaskGenerator, grid_points
+from tinysam.everything.base import MaskGenerator, RoundFeedback, grid_points
 
 # Round 2's offsets around a round-1 point, in strides, in the official code's order: the 3x3
 # block without its centre (x outer, y inner), then x + 2, then y + 2, then the corner (+2, +2).
@@ -37,7 +36,7 @@ def lattice_points(sparse: np.ndarray, points_per_side: int, size: tuple[int, in
 class DenseMaskGenerator(MaskGenerator):
     """SAM's baseline: every point of the ``points_per_side``² grid in one round."""
 
-    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, torch.Tensor, None]:
+    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, RoundFeedback, None]:
         yield grid_points(self.points_per_side, size)
 
 
@@ -49,11 +48,11 @@ class HierarchicalMaskGenerator(MaskGenerator):
     round-1 mask covers with a logit above ``high_score_thresh``; no round 2 when all are.
     """
 
-    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, torch.Tensor, None]:
+    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, RoundFeedback, None]:
         sparse = grid_points(max(1, self.points_per_side // 4), size)
-        confident = yield sparse
+        feedback = yield sparse
         candidates = lattice_points(sparse, self.points_per_side, size)
         cols, rows = candidates.astype(np.int64).T  # in the image, so truncation is the floor
-        outside = ~confident.cpu().numpy()[rows, cols]
+        outside = ~feedback.confident.cpu().numpy()[rows, cols]
         if outside.any():
             yield candidates[outside]
