@@ -143,13 +143,32 @@ def test_adaptive_prompts_coarse_to_fine_only_where_nothing_is_covered(toy_stude
         np.testing.assert_array_equal(call, points)
 
 
-def test_adaptive_stops_as_soon_as_a_batch_covers_everything(toy_student, image):
-    gen = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=1)
+@pytest.mark.parametrize("fine_covers", [1, 2, 3, 5])
+def test_adaptive_stops_as_soon_as_enough_prompts_cover_everything(toy_student, image, fine_covers):
+    gen = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=1, fine_covers=fine_covers)
     script = Scripted(torch.full((H, W), 20.0)).install(gen)
-    assert len(gen.generate(image)) == 1 and gen.prompts_per_level == [1, 0, 0] and len(script.calls) == 1
+    assert len(gen.generate(image)) == 1
+    # One prompt covers everything: the coarser levels stop there; the finest takes fine_covers - 1 more
+    # looks (each prompt's three masks count once), in level order.
+    levels = grid_levels(16, 3)
+    assert gen.prompts_per_level == [1, 0, fine_covers - 1] and len(script.calls) == fine_covers
+    dense = grid_points(16, (H, W))
+    np.testing.assert_array_equal(np.concatenate(script.calls), dense[[levels[0][0], *levels[2][: fine_covers - 1]]])
+    with pytest.raises(ValueError, match="fine_covers"):
+        AdaptiveMaskGenerator(toy_student, points_per_side=16, fine_covers=0)
     nothing = AdaptiveMaskGenerator(toy_student, points_per_side=16, points_per_batch=100, barren_neighbours=0)
     Scripted(torch.full((H, W), -20.0)).install(nothing)
     assert nothing.generate(image) == [] and nothing.prompts_per_level == [16, 64, 176]
+
+
+@pytest.mark.parametrize("upscale_chunk", [1, 2, 16])
+def test_round_feedback_counts_each_covering_prompt_once(toy_student, image, upscale_chunk):
+    gen = DenseMaskGenerator(toy_student, points_per_side=4, points_per_batch=5, upscale_chunk=upscale_chunk)
+    Scripted(left_half_map()).install(gen)
+    gen.predictor.set_image(image)
+    _, feedback = gen._prompt(grid_points(4, (H, W)))  # 16 prompts of 3 masks, chunks splitting a prompt's masks
+    covers = feedback.covers.numpy()
+    assert (covers[:, : W // 2] == 16).all() and (covers[:, W // 2 :] == 0).all()
 
 
 def near_miss_map() -> torch.Tensor:

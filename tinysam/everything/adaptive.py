@@ -42,7 +42,9 @@ class AdaptiveMaskGenerator(MaskGenerator):
     points are decoded ``points_per_batch`` at a time. Before each batch two kinds of point are
     dropped:
 
-    - covered: on a pixel that an earlier mask covers with a logit above ``high_score_thresh``;
+    - covered: on a pixel that an earlier prompt's kept mask covers with a logit above
+      ``high_score_thresh``; in the finest level, only once ``fine_covers`` earlier prompts do, so
+      what a single prompt explains gets a second look at full density (1 turns this off);
     - barren: at least ``barren_neighbours`` of its 8 grid neighbours were prompted and none of
       them came near a mask, that is, none had an output passing the predicted-IoU filter with a
       stability score of at least ``stability_score_thresh - near_miss_margin`` (0 disables this).
@@ -55,14 +57,23 @@ class AdaptiveMaskGenerator(MaskGenerator):
     """
 
     def __init__(
-        self, *args, n_levels: int = 3, barren_neighbours: int = 2, near_miss_margin: float = 0.1, **kwargs
+        self,
+        *args,
+        n_levels: int = 3,
+        fine_covers: int = 3,
+        barren_neighbours: int = 2,
+        near_miss_margin: float = 0.1,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if n_levels < 1 or 2 ** (n_levels - 1) > self.points_per_side:
             raise ValueError(f"n_levels={n_levels} needs points_per_side >= {2 ** (n_levels - 1)}")
+        if fine_covers < 1:
+            raise ValueError(f"fine_covers must be >= 1 prompt covering a point, got {fine_covers}")
         if not 0 <= barren_neighbours <= 8:
             raise ValueError(f"barren_neighbours must be 0 (off) to 8 grid neighbours, got {barren_neighbours}")
         self.n_levels = n_levels
+        self.fine_covers = fine_covers
         self.barren_neighbours = barren_neighbours
         self.near_miss_margin = near_miss_margin
         self.prompts_per_level: list[int] = []
@@ -83,22 +94,25 @@ class AdaptiveMaskGenerator(MaskGenerator):
         side = self.points_per_side
         points = grid_points(side, size)
         rows, cols = pixel_of(points, size)
-        covered = np.zeros(size, dtype=bool)
+        covers = np.zeros(size, dtype=np.int64)  # prompts whose kept masks confidently cover each pixel
         prompted, fertile = np.zeros((side, side), dtype=bool), np.zeros((side, side), dtype=bool)
         near_miss = self.stability_score_thresh - self.near_miss_margin
         self.prompts_per_level = []
-        for level in grid_levels(side, self.n_levels):
+        levels = grid_levels(side, self.n_levels)
+        for k, level in enumerate(levels):
+            enough = self.fine_covers if k == len(levels) - 1 else 1
             decoded = 0
             remaining = level
             while len(remaining):
-                skip = covered[rows[remaining], cols[remaining]] | self._barren(prompted, fertile)[remaining]
+                skip = covers[rows[remaining], cols[remaining]] >= enough
+                skip |= self._barren(prompted, fertile)[remaining]
                 remaining = remaining[~skip]
                 batch, remaining = remaining[: self.points_per_batch], remaining[self.points_per_batch :]
                 if not len(batch):
                     break
                 decoded += len(batch)
                 feedback = yield points[batch]
-                covered |= feedback.confident.cpu().numpy()
+                covers += feedback.covers.cpu().numpy()
                 prompted.flat[batch] = True
                 fertile.flat[batch] = feedback.best_stability >= near_miss
             self.prompts_per_level.append(decoded)

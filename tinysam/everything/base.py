@@ -62,13 +62,15 @@ def pixel_of(points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.
 class RoundFeedback:
     """What one round tells the sampler before its next round.
 
-    ``confident``: (H, W) pixels where a kept mask's logit is above ``high_score_thresh``.
+    ``covers``: (H, W) how many of the round's prompts have a kept mask whose logit is above
+    ``high_score_thresh`` at each pixel (a prompt counts once, however many of its masks do), so
+    ``covers > 0`` are the confidently covered pixels.
     ``best_stability``: per prompted point, the highest stability score among its outputs that
     passed the predicted-IoU filter (0 when none did), so a sampler can tell near misses from
     points that came back with nothing.
     """
 
-    confident: torch.Tensor
+    covers: torch.Tensor
     best_stability: np.ndarray
 
 
@@ -156,7 +158,8 @@ class MaskGenerator:
         size = self.predictor.original_size
         threshold = self.predictor.model.mask_threshold
         kept = MaskData()
-        confident = torch.zeros(size, dtype=torch.bool, device=self.predictor.device)
+        covers = torch.zeros(size, dtype=torch.int32, device=self.predictor.device)
+        last_cover = torch.full(size, -1, dtype=torch.int64, device=self.predictor.device)  # last prompt counted
         best_stability = torch.zeros(len(points), device=self.predictor.device)
         for start in range(0, len(points), self.points_per_batch):
             batch = points[start : start + self.points_per_batch]
@@ -173,7 +176,7 @@ class MaskGenerator:
                 if not stable.any():
                     continue
                 logits, chunk, stability = logits[stable], chunk[stable], stability[stable]
-                confident |= (logits > self.high_score_thresh).any(0)
+                self._count_covers(logits > self.high_score_thresh, start + chunk // 3, covers, last_cover)
                 masks = logits > threshold
                 non_empty = masks.flatten(1).any(1)  # only when stability_score_thresh <= 0 can one be empty
                 masks, chunk, stability = masks[non_empty], chunk[non_empty], stability[non_empty]
@@ -187,7 +190,18 @@ class MaskGenerator:
                         stability_score=stability,
                     )
                 )
-        return kept, RoundFeedback(confident, best_stability.cpu().numpy())
+        return kept, RoundFeedback(covers, best_stability.cpu().numpy())
+
+    @staticmethod
+    def _count_covers(over: torch.Tensor, prompts: torch.Tensor, covers: torch.Tensor, last: torch.Tensor) -> None:
+        """Add to ``covers`` the prompts whose masks ``over`` (M, H, W) cover each pixel, each prompt once.
+
+        ``prompts`` (M,) are the masks' prompt indices, ascending across calls (a prompt's masks
+        may straddle two); ``last`` holds, per pixel, the last prompt counted there.
+        """
+        for mask, prompt in zip(over, prompts.tolist()):
+            covers += mask & (last != prompt)
+            last[mask] = prompt
 
     def _suppress(self, data: MaskData) -> MaskData:
         keep = batched_nms(

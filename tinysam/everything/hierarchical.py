@@ -53,6 +53,6 @@ class HierarchicalMaskGenerator(MaskGenerator):
         feedback = yield sparse
         candidates = lattice_points(sparse, self.points_per_side, size)
         cols, rows = candidates.astype(np.int64).T  # in the image, so truncation is the floor
-        outside = ~feedback.confident.cpu().numpy()[rows, cols]
+        outside = feedback.covers.cpu().numpy()[rows, cols] == 0
         if outside.any():
             yield candidates[outside]
