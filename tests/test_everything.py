@@ -166,8 +166,9 @@ def test_round_feedback_counts_each_covering_prompt_once(toy_student, image, ups
     gen = DenseMaskGenerator(toy_student, points_per_side=4, points_per_batch=5, upscale_chunk=upscale_chunk)
     Scripted(left_half_map()).install(gen)
     gen.predictor.set_image(image)
-    _, feedback = gen._prompt(grid_points(4, (H, W)))  # 16 prompts of 3 masks, chunks splitting a prompt's masks
-    covers = feedback.covers.numpy()
+    # 16 prompts of 3 masks each, in chunks that split a prompt's masks, reported at every pixel
+    _, feedback = gen._prompt(grid_points(4, (H, W)), torch.arange(H * W))
+    covers = feedback.covers.reshape(H, W)
     assert (covers[:, : W // 2] == 16).all() and (covers[:, W // 2 :] == 0).all()
 
 

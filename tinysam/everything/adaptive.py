@@ -6,7 +6,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-from tinysam.everything.base import MaskGenerator, RoundFeedback, grid_points, pixel_of
+from tinysam.everything.base import MaskGenerator, RoundFeedback, grid_points
 
 
 def grid_levels(points_per_side: int, n_levels: int = 3) -> list[np.ndarray]:
@@ -90,11 +90,14 @@ class AdaptiveMaskGenerator(MaskGenerator):
         barren = (neighbour_counts(prompted) >= self.barren_neighbours) & (neighbour_counts(fertile) == 0)
         return barren.ravel()
 
+    def _watched(self, size: tuple[int, int]) -> np.ndarray:
+        """The whole dense grid: each round reports how many prompts cover each grid point."""
+        return grid_points(self.points_per_side, size)
+
     def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, RoundFeedback, None]:
         side = self.points_per_side
         points = grid_points(side, size)
-        rows, cols = pixel_of(points, size)
-        covers = np.zeros(size, dtype=np.int64)  # prompts whose kept masks confidently cover each pixel
+        covers = np.zeros(side * side, dtype=np.int64)  # prompts whose kept masks confidently cover each point
         prompted, fertile = np.zeros((side, side), dtype=bool), np.zeros((side, side), dtype=bool)
         near_miss = self.stability_score_thresh - self.near_miss_margin
         self.prompts_per_level = []
@@ -104,7 +107,7 @@ class AdaptiveMaskGenerator(MaskGenerator):
             decoded = 0
             remaining = level
             while len(remaining):
-                skip = covers[rows[remaining], cols[remaining]] >= enough
+                skip = covers[remaining] >= enough
                 skip |= self._barren(prompted, fertile)[remaining]
                 remaining = remaining[~skip]
                 batch, remaining = remaining[: self.points_per_batch], remaining[self.points_per_batch :]
@@ -112,7 +115,7 @@ class AdaptiveMaskGenerator(MaskGenerator):
                     break
                 decoded += len(batch)
                 feedback = yield points[batch]
-                covers += feedback.covers.cpu().numpy()
+                covers += feedback.covers
                 prompted.flat[batch] = True
                 fertile.flat[batch] = feedback.best_stability >= near_miss
             self.prompts_per_level.append(decoded)

@@ -62,15 +62,15 @@ def pixel_of(points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.
 class RoundFeedback:
     """What one round tells the sampler before its next round.
 
-    ``covers``: (H, W) how many of the round's prompts have a kept mask whose logit is above
-    ``high_score_thresh`` at each pixel (a prompt counts once, however many of its masks do), so
-    ``covers > 0`` are the confidently covered pixels.
+    ``covers``: for each of the generator's watched points (:meth:`MaskGenerator._watched`), how
+    many of the round's prompts have a kept mask whose logit is above ``high_score_thresh`` at its
+    pixel (a prompt counts once, however many of its masks do); ``covers > 0``: confidently covered.
     ``best_stability``: per prompted point, the highest stability score among its outputs that
     passed the predicted-IoU filter (0 when none did), so a sampler can tell near misses from
     points that came back with nothing.
     """
 
-    covers: torch.Tensor
+    covers: np.ndarray
     best_stability: np.ndarray
 
 
@@ -140,6 +140,10 @@ class MaskGenerator:
         """The points of each round (XY pixels); each round's :class:`RoundFeedback` is sent back in."""
         raise NotImplementedError
 
+    def _watched(self, size: tuple[int, int]) -> np.ndarray:
+        """XY points whose coverage each round reports in :attr:`RoundFeedback.covers` (none here)."""
+        return np.zeros((0, 2))
+
     def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res mask logits (N, 3, h, w) and predicted IoUs (N, 3) for single-point prompts (XY pixels)."""
         p = self.predictor
@@ -147,19 +151,19 @@ class MaskGenerator:
         labels = torch.ones(len(points), 1, dtype=torch.int, device=p.device)
         return p.decode(points=coords, labels=labels, multimask_output=True)
 
-    def _prompt(self, points: np.ndarray) -> tuple[MaskData, RoundFeedback]:
+    def _prompt(self, points: np.ndarray, watched: torch.Tensor) -> tuple[MaskData, RoundFeedback]:
         """Decode ``points`` in batches; return the masks passing the filters and the round's feedback.
+
+        ``watched``: flat pixel indices at which the feedback counts the covering prompts.
 
         The same masks as SAM's generator, for less work: the predicted-IoU filter runs on the
         low-res logits, so only its survivors are upscaled to full resolution, ``upscale_chunk``
         at a time (peak memory does not grow with the number of points), and only masks that
         also pass the stability filter are thresholded and RLE-encoded, a chunk per C call.
         """
-        size = self.predictor.original_size
         threshold = self.predictor.model.mask_threshold
         kept = MaskData()
-        covers = torch.zeros(size, dtype=torch.int32, device=self.predictor.device)
-        last_cover = torch.full(size, -1, dtype=torch.int64, device=self.predictor.device)  # last prompt counted
+        hits = torch.zeros(len(points), len(watched), dtype=torch.int32, device=self.predictor.device)
         best_stability = torch.zeros(len(points), device=self.predictor.device)
         for start in range(0, len(points), self.points_per_batch):
             batch = points[start : start + self.points_per_batch]
@@ -176,7 +180,8 @@ class MaskGenerator:
                 if not stable.any():
                     continue
                 logits, chunk, stability = logits[stable], chunk[stable], stability[stable]
-                self._count_covers(logits > self.high_score_thresh, start + chunk // 3, covers, last_cover)
+                over = logits.flatten(1)[:, watched] > self.high_score_thresh
+                hits.index_add_(0, start + chunk // 3, over.to(torch.int32))  # a prompt's masks add up
                 masks = logits > threshold
                 non_empty = masks.flatten(1).any(1)  # only when stability_score_thresh <= 0 can one be empty
                 masks, chunk, stability = masks[non_empty], chunk[non_empty], stability[non_empty]
@@ -190,18 +195,8 @@ class MaskGenerator:
                         stability_score=stability,
                     )
                 )
-        return kept, RoundFeedback(covers, best_stability.cpu().numpy())
-
-    @staticmethod
-    def _count_covers(over: torch.Tensor, prompts: torch.Tensor, covers: torch.Tensor, last: torch.Tensor) -> None:
-        """Add to ``covers`` the prompts whose masks ``over`` (M, H, W) cover each pixel, each prompt once.
-
-        ``prompts`` (M,) are the masks' prompt indices, ascending across calls (a prompt's masks
-        may straddle two); ``last`` holds, per pixel, the last prompt counted there.
-        """
-        for mask, prompt in zip(over, prompts.tolist()):
-            covers += mask & (last != prompt)
-            last[mask] = prompt
+        covers = (hits > 0).sum(0)
+        return kept, RoundFeedback(covers.cpu().numpy(), best_stability.cpu().numpy())
 
     def _suppress(self, data: MaskData) -> MaskData:
         keep = batched_nms(
@@ -263,13 +258,15 @@ class MaskGenerator:
         rgb = load_image(image) if isinstance(image, (str, Path)) else to_rgb_uint8(image)
         self.predictor.set_image(rgb)
         size = rgb.shape[:2]
+        rows, cols = pixel_of(self._watched(size), size)
+        watched = torch.as_tensor(rows * size[1] + cols, device=self.predictor.device)
         self.prompts_per_round = []
         per_round = []
         rounds = self._rounds(size)
         points = next(rounds)
         while True:
             self.prompts_per_round.append(len(points))
-            round_data, feedback = self._prompt(points)
+            round_data, feedback = self._prompt(points, watched)
             per_round.append(round_data)
             try:
                 points = rounds.send(feedback)

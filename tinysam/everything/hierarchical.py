@@ -48,11 +48,15 @@ class HierarchicalMaskGenerator(MaskGenerator):
     round-1 mask covers with a logit above ``high_score_thresh``; no round 2 when all are.
     """
 
+    def _sparse(self, size: tuple[int, int]) -> np.ndarray:
+        return grid_points(max(1, self.points_per_side // 4), size)
+
+    def _watched(self, size: tuple[int, int]) -> np.ndarray:
+        """Round 2's candidates, whose pixels round 1 reports on."""
+        return lattice_points(self._sparse(size), self.points_per_side, size)
+
     def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, RoundFeedback, None]:
-        sparse = grid_points(max(1, self.points_per_side // 4), size)
-        feedback = yield sparse
-        candidates = lattice_points(sparse, self.points_per_side, size)
-        cols, rows = candidates.astype(np.int64).T  # in the image, so truncation is the floor
-        outside = feedback.covers.cpu().numpy()[rows, cols] == 0
+        feedback = yield self._sparse(size)
+        outside = feedback.covers == 0
         if outside.any():
-            yield candidates[outside]
+            yield self._watched(size)[outside]
