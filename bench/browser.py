@@ -6,8 +6,7 @@ For each model, float and W8A8, on one thread and on all cores, side by side in 
 the encoder (median of ``--runs`` after a warm-up) and the decoder per click (median of ``--clicks``
 on one positive click), in the page (``?ep=wasm&threads=N``) and in Python on the same ONNX files.
 ``toy`` is the shipped toy student (256 px); ``tinyvit_5m`` is the 1024 px student with the
-reference weights of ``../shared/reference`` (seeded random ones without them: latency does
-not depend on the values). The W8A8 models come from ``quantize_model`` with a short scale
+seeded reference weights of ``tests/reference``. The W8A8 models come from ``quantize_model`` with a short scale
 search (1 round, 10 candidates, 2 images): the search changes the scales, not the graph or its speed.
 Chromium is the system's (``TINYSAM_CHROMIUM`` or on PATH), driven by Playwright.
 """
@@ -31,12 +30,12 @@ from tinysam.assets import asset_path
 from tinysam.backends import onnx_session
 from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.demo import DemoServer, prepare
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
 from tinysam.models.checkpoint import save_checkpoint
-from tinysam.models.onnx import DECODER, ENCODER, decoder_feed
+from tinysam.models.onnx_graphs import DECODER, ENCODER, decoder_feed
 from tinysam.quant.run import quantize_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
 SOURCES = {
     "toy": ("tinyvit_toy", asset_path("toy_student.safetensors")),
     "tinyvit_5m": ("tinyvit_5m", REFERENCE / "tinysam_vit_t_seed0.safetensors"),
@@ -53,7 +52,9 @@ def bundles(name: str, work: Path) -> dict:
         save_checkpoint(load_model(arch), checkpoint)
     model = load_model(arch, checkpoint)
     size = model.image_encoder.img_size
-    toys = [generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused", image_size=size)).image for i in range(2)]
+    toys = [
+        generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused", image_size=size)).image for i in range(2)
+    ]
     quantize_model(model, toys, work / f"{name}_int8", rounds=1, candidates=10, points_per_side=2)
     image = work / f"{name}.png"
     Image.fromarray(toys[0]).save(image)
@@ -127,8 +128,10 @@ def main() -> None:
         )
         prepared = {name: bundles(name, Path(tmp)) for name in args.models}
         print(f"\nChromium {browser.version}, onnxruntime-web 1.31.1 (WASM, SIMD), {cores} cores\n")
-        print("| model | weights | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
-              "decoder per click, browser (ms) | decoder, Python (ms) |")
+        print(
+            "| model | weights | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
+            "decoder per click, browser (ms) | decoder, Python (ms) |"
+        )
         print("|---|---|---|---|---|---|---|---|", flush=True)
         screenshot = args.screenshot
         for name, models in prepared.items():
@@ -140,8 +143,11 @@ def main() -> None:
                     screenshot = None
                     enc_py, dec_py = python_latency(models[precision], threads, args.runs, args.clicks)
                     size = models[precision].metadata["image_size"]
-                    print(f"| {name} ({size} px) | {precision} | {threads} | {enc_web:.1f} | {enc_py:.1f} | "
-                          f"{enc_web / enc_py:.2f}x | {dec_web:.1f} | {dec_py:.1f} |", flush=True)
+                    print(
+                        f"| {name} ({size} px) | {precision} | {threads} | {enc_web:.1f} | {enc_py:.1f} | "
+                        f"{enc_web / enc_py:.2f}x | {dec_web:.1f} | {dec_py:.1f} |",
+                        flush=True,
+                    )
         browser.close()
 
 

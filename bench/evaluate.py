@@ -21,7 +21,7 @@ from tinysam.data.coco import image_path, load_coco_instances, load_detections
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import load_image
 from tinysam.eval.coco_instances import BoxSegmenter
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
 
 
 def total(segmenter: BoxSegmenter) -> float:

@@ -45,17 +45,18 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
 from tinysam.assets import asset_path
+from tinysam.assets import photos as shipped_photos
 from tinysam.data.coco import load_coco_instances
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image
 from tinysam.eval.coco_instances import score_proposals
 from tinysam.eval.prompt_miou import iou as mask_ious
 from tinysam.everything.base import grid_points
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
 from tinysam.predictor import Predictor
 from tinysam.quant.run import quantize_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
 
 
 def recovered(reference: list[dict], candidates: list[dict], thresh: float) -> tuple[int, int]:
@@ -206,9 +207,8 @@ def decoder_agreement(model, rgb: np.ndarray, points_per_side: int, prompts: int
 
 def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
     weights = REFERENCE / "tinysam_vit_t_seed0.safetensors"
-    weights = weights if weights.is_file() else None
     model = load_model("tinyvit_5m", weights)
-    photos = sorted((REFERENCE / "images").glob("*.jpg")) if REFERENCE.is_dir() else []
+    photos = shipped_photos()
     rng = np.random.default_rng(0)
     images = [load_image(p) for p in photos] or [
         rng.integers(0, 255, (args.speed_side, args.speed_side, 3), dtype=np.uint8)
@@ -241,7 +241,7 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
     n = len(images)
     print(
         f"\nSpeed: {n} image(s), longest side {args.speed_side} px, tinyvit_5m "
-        f"({'reference weights' if weights else 'random weights'}), {torch.get_num_threads()} threads; "
+        f"(reference weights), {torch.get_num_threads()} threads; "
         f"{speed_kwargs}; W8A8: quantize_model, min-max on the last reference photo"
     )
     print(

@@ -25,7 +25,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image
 from tinysam.grounded import GroundedSegmenter, GroundingDino
 from tinysam.grounded.detector import TextDetections
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "dog", "cat", "person", "car"]
 

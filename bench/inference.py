@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tinysam_vit_t_seed0.safetensors"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "tinysam_vit_t_seed0.safetensors"
 PROMPT_BATCHES = (1, 16, 64)
 PROMPT_CHUNKS = (1, 2, 4, 8, 16, 64)  # the factored decoder's prompts per chunk, timed on the 64-box batch
 
 
 def build(device: str):
-    from tinysam.models.build import load_model
+    from tinysam.loader import load_model
 
     torch.manual_seed(0)
-    return load_model("tinyvit_5m", REFERENCE if REFERENCE.is_file() else None, device)
+    return load_model("tinyvit_5m", REFERENCE, device)
 
 
 def sync(device: str) -> None:
@@ -129,7 +129,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as onnx_dir:
         if "onnx" in backends:
-            from tinysam.models.onnx import DECODER, ENCODER, export_decoder, export_encoder
+            from tinysam.models.onnx_graphs import DECODER, ENCODER, export_decoder, export_encoder
 
             model = build("cpu")
             export_encoder(model, Path(onnx_dir) / ENCODER)

@@ -30,16 +30,17 @@ import torch
 
 from tinysam import Predictor
 from tinysam.assets import asset_path
+from tinysam.assets import photos as shipped_photos
 from tinysam.backends import onnx_session
+from tinysam.data.layouts import CocoLayout
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image, model_input
-from tinysam.eval.data import CocoLayout
 from tinysam.eval.prompt_miou import image_ious
-from tinysam.models.onnx import export_encoder
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
+from tinysam.models.onnx_graphs import export_encoder
 from tinysam.quant.run import quantize_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
 
 
 def quantized(arch: str, checkpoint, images, bits: int, method: str, candidates: int, out: Path):
@@ -116,16 +117,10 @@ def main() -> None:
 
         # speed and size at 1024 px
         ref = REFERENCE / "tinysam_vit_t_seed0.safetensors"
-        big = load_model("tinyvit_5m", ref if ref.is_file() else None)
-        photo = (
-            load_image(sorted((REFERENCE / "images").glob("*.jpg"))[0])
-            if REFERENCE.is_dir()
-            else load_image(list_images(world / "train")[0])
-        )
+        big = load_model("tinyvit_5m", ref)
+        photo = load_image(shipped_photos()[0])
         export_encoder(big, tmp / "float.onnx")
-        quantized(
-            "tinyvit_5m", ref if ref.is_file() else None, [photo], args.bits, "minmax", args.candidates, tmp / "big"
-        )
+        quantized("tinyvit_5m", ref, [photo], args.bits, "minmax", args.candidates, tmp / "big")
         x = model_input(big, photo)[None]
         with torch.inference_mode():
             (eager_s,) = latencies({"eager": lambda: big.image_encoder(x)}, args.runs).values()
@@ -160,7 +155,7 @@ def main() -> None:
                 args.decoder_runs,
             )
         sizes = {
-            "float": mib(ref) if ref.is_file() else float("nan"),
+            "float": mib(ref),
             "int8": mib(tmp / "big" / "model.safetensors"),
             "float_onnx": mib(tmp / "float.onnx"),
             "int8_onnx": mib(tmp / "big" / "encoder.onnx"),

@@ -1,28 +1,29 @@
-"""Shared fixtures: the reference files in ../shared/reference and seeded toy models."""
+"""Shared fixtures: the reference files in tests/reference, the shipped photos and seeded toy models."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from tinysam import build_student
+from tinysam.assets import photos
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("TINYSAM_REFERENCE", REPO.parent / "shared" / "reference"))
+REFERENCE = Path(__file__).resolve().parent / "reference"
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The official-output reference files; their absence is a failure, never a skip."""
-    if not (REFERENCE / "tinysam_vit_t_seed0.safetensors").is_file():
-        raise FileNotFoundError(
-            f"reference files not found in {REFERENCE}; check out shared/ beside the repo or set TINYSAM_REFERENCE"
-        )
+    """The official-output reference files (part of the repository; see tests/reference/README.md)."""
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """The folder of the two photos shipped with tinysam (the reference outputs were made on them)."""
+    return photos()[0].parent
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, fails_in_one_line, run_python, run_script, run_script_ok, small_train_run
 from PIL import Image
 
-from helpers import REPO, fails_in_one_line, run_python, run_script, run_script_ok, small_train_run
 from tinysam import CheckpointError, build_student, load_checkpoint
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.distill.callbacks import StepProgressBar
@@ -237,8 +237,8 @@ def test_every_detection_dropped_fails_naming_the_reasons(tmp_path, val_world, t
 
 
 def test_a_large_dropped_share_warns_before_the_table(tmp_path, val_world, toy_student, capsys):
+    from tinysam.data.layouts import CocoLayout
     from tinysam.eval.coco_instances import evaluate
-    from tinysam.eval.data import CocoLayout
 
     dets = _dets(val_world, lambda d: d)
     dets[0]["bbox"] = [float("nan")] * 4

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from tinysam.assets import asset_path
 from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.data.transforms import model_input
 from tinysam.demo import DemoServer, prepare
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
 
 STUDENT = asset_path("toy_student.safetensors")
 
@@ -294,7 +293,13 @@ def test_server_serves_only_its_files_with_isolation_headers(bundles):
         assert status == 200 and body == (bundles["float"].folder / "encoder.onnx").read_bytes()
         info = json.loads(get(server, "/model/info.json")[2])
         assert info["image_size"] == 256 and info["mask_side"] == 64 and info["encoder"] == "browser"
-        for path in ["/static/../server.py", "/static/../../export.py", "/model/../export.json", "/etc/passwd", "/model/"]:
+        for path in [
+            "/static/../server.py",
+            "/static/../../export.py",
+            "/model/../export.json",
+            "/etc/passwd",
+            "/model/",
+        ]:
             assert get(server, path)[0] == 404, path
         assert get(server, "/api/encode", "POST", b"\0" * 16)[0] == 404  # encoder=browser: no encoding here
 

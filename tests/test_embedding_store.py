@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import compose_config, run_script, run_script_ok
+
 from tinysam import build_teacher
 from tinysam.assets import asset_path
 from tinysam.data.embedding_store import (
@@ -20,7 +20,6 @@ from tinysam.data.embedding_store import (
     ShardWriter,
     StoreError,
     StoreSpec,
-    file_sha256,
     finalize,
     open_for_writing,
     verify,
@@ -28,6 +27,7 @@ from tinysam.data.embedding_store import (
 from tinysam.data.sa1b import find_pairs
 from tinysam.data.transforms import load_image, prepare_image
 from tinysam.distill.precompute import run
+from tinysam.io import file_sha256
 
 SPEC = StoreSpec("vit_toy", "random-init:seed=0", 256, (1.0, 2.0, 3.0), (4.0, 5.0, 6.0), (4, 2, 2))
 

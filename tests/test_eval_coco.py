@@ -8,15 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import run_script_ok
 from PIL import Image
 
 from tinysam import Predictor
 from tinysam.data.coco import CocoFormatError, load_coco_instances, load_detections
+from tinysam.data.layouts import CocoLayout
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.eval.coco_instances import BoxSegmenter, evaluate, is_lvis, score_coco, segment_detections, select_best
-from tinysam.eval.data import CocoLayout
-
-from helpers import run_script_ok
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 
 from tinysam import build_teacher
 from tinysam.assets import asset_path
+from tinysam.data.layouts import CocoLayout, Sa1bLayout
 from tinysam.data.toyworld import ToyWorldConfig, generate
-from tinysam.eval.data import CocoLayout, Sa1bLayout
 from tinysam.eval.prompt_miou import evaluate, interior_point, mask_boxes, next_click
 
 

@@ -11,11 +11,11 @@ from pycocotools import mask as mask_utils
 
 from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator, build_teacher
 from tinysam.assets import asset_path
+from tinysam.data.masks import grid_points, pixel_of
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import load_image
+from tinysam.eval.everything import annotate
 from tinysam.everything.adaptive import grid_levels
-from tinysam.everything.annotate import annotate
-from tinysam.everything.base import grid_points, pixel_of
 from tinysam.everything.hierarchical import lattice_points
 
 H, W = 96, 160  # not square, on purpose
@@ -389,6 +389,7 @@ def test_shipped_stuff_teacher_is_everything_modes_default_and_covers_more_in_ro
     shipped stuff teacher marks more of the image confident than the objects-only toy teacher's does.
     """
     from helpers import compose_config
+
     from tinysam.models.checkpoint import read_metadata
 
     cfg = compose_config("evaluate", ["task=everything"])

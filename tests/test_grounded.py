@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 import transformers  # the dev install brings the grounded extra
+from helpers import REPO, fails_in_one_line, hiding_env, run_python
 from PIL import Image
 from pycocotools.coco import COCO
 
-from helpers import REPO, fails_in_one_line, hiding_env, run_python
 from tinysam import GroundedSegmenter, GroundingDino, Predictor
 from tinysam.data.sa1b import SA1BDataset
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.grounded.detector import DetectorError, chunk_captions, clean_phrase
 from tinysam.grounded.segmenter import class_wise_nms
-
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "dog", "cat", "frisbee", "person", "car", "red", "ball"]
 
@@ -270,7 +269,7 @@ def test_text_prompted_ap_scores_masks_and_the_detectors_boxes(detector_dir, tmp
 
 
 def test_phrases_map_to_categories():
-    from tinysam.grounded.coco import phrase_category
+    from tinysam.eval.text_detections import phrase_category
 
     ids = {"dog": 1, "hot dog": 2, "cat": 3}
     assert phrase_category("dog", ids) == 1 and phrase_category("hot dog", ids) == 2
@@ -281,7 +280,7 @@ def test_any_model_segments_teacher_and_onnx_student(detector_dir, photo):
     """The same boxes through the shipped toy teacher (eager) and the shipped toy student, eager and on
     onnxruntime (exported on the spot)."""
     from tinysam.assets import asset_path
-    from tinysam.models.build import load_model
+    from tinysam.loader import load_model
 
     detector = GroundingDino(detector_dir)
     toy_student = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))

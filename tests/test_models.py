@@ -94,7 +94,7 @@ def test_unknown_architecture_and_bad_size():
 
 
 def test_load_model_names_every_architecture_when_unknown():
-    from tinysam.models.build import load_model
+    from tinysam.loader import load_model
 
     with pytest.raises(KeyError, match="tinyvit_5m, tinyvit_toy, vit_b, vit_h, vit_l, vit_toy"):
         load_model("vit_t")

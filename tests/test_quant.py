@@ -11,7 +11,7 @@ from torch import nn
 
 from tinysam import Predictor, build_student
 from tinysam.assets import asset_path
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
 from tinysam.models.checkpoint import CheckpointError
 from tinysam.quant.artifact import load_quantized, save_quantized
 from tinysam.quant.attention import QuantMatMul
@@ -146,7 +146,7 @@ def run_onnx_nodes(nodes: list, initializers: list, x: torch.Tensor, output: str
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from tinysam.quant.export import ONNXRUNTIME_DOMAIN
+    from tinysam.quant.int8_onnx import ONNXRUNTIME_DOMAIN
 
     graph = helper.make_graph(
         nodes,
@@ -165,7 +165,7 @@ def test_integer_linear_node_is_the_fake_quant_layer(bits):
     """QuantizeLinear + MatMulIntegerToFloat with our scales computes exactly the fake-quant linear layer."""
     from onnx import helper, numpy_helper
 
-    from tinysam.quant.export import _integer_linear
+    from tinysam.quant.int8_onnx import _integer_linear
 
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
@@ -187,7 +187,7 @@ def test_integer_conv_node_is_the_fake_quant_requantized_conv(bits):
     with a quantized output; only the int32 bias rounding may move an output by one level."""
     from onnx import helper, numpy_helper
 
-    from tinysam.quant.export import _integer_conv
+    from tinysam.quant.int8_onnx import _integer_conv
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, stride=2, padding=1)
@@ -214,7 +214,7 @@ def test_integer_gelu_nodes_are_the_fake_quant_gelu(bits):
     the same output level everywhere but at rounding ties; and QuantGELU stays close to the exact GELU."""
     import torch.nn.functional as F
 
-    from tinysam.quant.export import _integer_gelu
+    from tinysam.quant.int8_onnx import _integer_gelu
 
     gelu = QuantGELU(bits)
     gelu.in_scale, gelu.out_scale, gelu.enabled = torch.tensor(0.05), torch.tensor(0.04), True
@@ -285,8 +285,8 @@ def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_p
     import onnxruntime as ort
 
     from tinysam.data.transforms import model_input
-    from tinysam.quant.export import export_onnx, integer_layers
     from tinysam.quant.fake_quant import set_enabled
+    from tinysam.quant.int8_onnx import export_onnx, integer_layers
     from tinysam.quant.run import INTEGER_GELU, REQUANTIZE
 
     model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
@@ -333,9 +333,9 @@ def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path
     from segment_anything.utils.onnx import SamOnnxModel
 
     from tinysam.data.transforms import model_input
-    from tinysam.models.onnx import DECODER_INPUTS, decoder_feed
-    from tinysam.quant.export import export_onnx, integer_layers
+    from tinysam.models.onnx_graphs import DECODER_INPUTS, decoder_feed
     from tinysam.quant.fake_quant import set_enabled
+    from tinysam.quant.int8_onnx import export_onnx, integer_layers
 
     model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
     layers = wrap_model(model)

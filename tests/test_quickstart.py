@@ -20,10 +20,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from helpers import REPO, small_train_run
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from helpers import REPO, small_train_run
 
 VENV_SEED = {"pip", "setuptools"}  # what `python3 -m venv` itself puts into a new environment
 # Cut-down sizes: the same code paths in seconds instead of minutes.
@@ -106,7 +105,11 @@ def test_the_quick_start_installs_the_core_dependencies_alone():
     install, commands = quick_start_commands()
     assert install == "pip install -e ."
     assert [c[:2] for c in commands] == [
-        ["train.py"], ["evaluate.py"], ["quantize.py"], ["-m", "tinysam.export"], ["-m", "tinysam.demo"]
+        ["train.py"],
+        ["evaluate.py"],
+        ["quantize.py"],
+        ["-m", "tinysam.export"],
+        ["-m", "tinysam.demo"],
     ], commands
 
 

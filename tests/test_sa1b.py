@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tinysam.data.masks import encode_rle
 from tinysam.data.sa1b import SA1BDataset, SkippedSample, SkipReport, collate_samples
-from tinysam.data.toyworld import ToyWorldConfig, encode_rle, generate
+from tinysam.data.toyworld import ToyWorldConfig, generate
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def test_command_line(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert len(list((out / "train").glob("*.jpg"))) == 2 and (out / "val" / "instances.json").is_file()
-    with pytest.raises(SystemExit, match="valid keys"):
+    with pytest.raises(ValueError, match=r"unknown keys \['n_trian'\]; usage: .*n_train=.*image_size="):
         parse_config(["n_trian=3"])
 
 

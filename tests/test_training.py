@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, compose_config, run_python, run_script, run_script_ok, small_train_run
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from helpers import REPO, compose_config, run_python, run_script, run_script_ok, small_train_run
 from tinysam import build_student, build_teacher
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.distill.datamodule import DistillDataModule, collate_with_embeddings
@@ -29,11 +29,16 @@ def precompute_train_store(tmp_path, *overrides: str) -> None:
     """The teacher store of a 16-image toy world's training split, computed by precompute.py."""
     run_script_ok(
         "precompute.py",
-        [f"paths.root_dir={tmp_path}", "data.toyworld.n_train=16", "data.toyworld.n_val=0", "splits=[train]",
-         "num_workers=0", *overrides],
+        [
+            f"paths.root_dir={tmp_path}",
+            "data.toyworld.n_train=16",
+            "data.toyworld.n_val=0",
+            "splits=[train]",
+            "num_workers=0",
+            *overrides,
+        ],
         cwd=tmp_path,
     )
-
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):

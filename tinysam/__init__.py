@@ -1,12 +1,12 @@
 """tinysam: distil, quantize and evaluate small Segment Anything models the TinySAM way."""
 
-__version__ = "0.1.0"
-
-from tinysam.everything import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator  # noqa: E402
-from tinysam.grounded import GroundedSegmenter, GroundingDino  # noqa: E402
-from tinysam.models.build import build_student, build_teacher  # noqa: E402
-from tinysam.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from tinysam.predictor import Predictor, PromptError  # noqa: E402
+from tinysam.everything import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
+from tinysam.grounded import GroundedSegmenter, GroundingDino
+from tinysam.loader import load_model
+from tinysam.models.build import build_student, build_teacher
+from tinysam.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinysam.predictor import Predictor, PromptError
+from tinysam.version import __version__
 
 __all__ = [
     "AdaptiveMaskGenerator",
@@ -20,6 +20,7 @@ __all__ = [
     "build_student",
     "build_teacher",
     "load_checkpoint",
+    "load_model",
     "save_checkpoint",
     "__version__",
 ]

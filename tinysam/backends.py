@@ -102,7 +102,7 @@ class OnnxBackend:
     """onnxruntime on ``encoder.onnx`` / ``decoder.onnx`` of ``onnx_dir`` (exported now when not given)."""
 
     def __init__(self, model: Sam, onnx_dir: str | Path | None = None) -> None:
-        from tinysam.models.onnx import DECODER, ENCODER, export_decoder, export_encoder
+        from tinysam.models.onnx_graphs import DECODER, ENCODER, export_decoder, export_encoder
 
         if onnx_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tinysam-onnx-")
@@ -125,7 +125,7 @@ class OnnxBackend:
         return torch.from_numpy(features)
 
     def decode(self, features, points, labels, boxes, mask_input, multimask_output):
-        from tinysam.models.onnx import decoder_feed
+        from tinysam.models.onnx_graphs import decoder_feed
 
         if points is None and boxes is None:
             raise ValueError("the onnx backend needs a point or box prompt (SAM's ONNX decoder has no mask-only mode)")

@@ -1,8 +1,10 @@
-"""Shared by the entry scripts: the ``${tinysam.asset:NAME}`` resolver and one-line reporting of user errors."""
+"""Shared by the entry points: the ``${tinysam.asset:NAME}`` resolver, one-line reporting of user errors, and
+the ``key=value`` argument parser of the ``python -m tinysam.*`` commands."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -13,6 +15,37 @@ def register_resolvers() -> None:
     """Register tinysam's resolvers once (entry scripts and tests call this before composing)."""
     if not OmegaConf.has_resolver("tinysam.asset"):
         OmegaConf.register_new_resolver("tinysam.asset", asset_path)
+
+
+def parse_keys(
+    argv: Sequence[str],
+    prog: str,
+    usage: str,
+    keys: Sequence[str],
+    required: Sequence[str] = (),
+    positional: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The ``key=value`` arguments of a ``python -m tinysam.<name>`` command, as a dict.
+
+    The same style as the Hydra scripts' overrides (values are read by OmegaConf: ``port=8000`` is
+    an int, ``images=[a,b]`` a list). Leading words without ``=`` fill the ``positional`` names in
+    order. An unknown key, a missing required one or a stray word raises a one-line ``ValueError``
+    naming it with the usage, which :func:`one_line_errors` prints as it prints the scripts' errors.
+    """
+    words = list(argv)
+    args: dict[str, Any] = {}
+    while words and "=" not in words[0] and len(args) < len(positional):
+        args[positional[len(args)]] = words.pop(0)
+    stray = [word for word in words if "=" not in word]
+    if stray:
+        raise ValueError(f"{prog}: {stray[0]!r} is not key=value; usage: {usage}")
+    args.update(OmegaConf.to_container(OmegaConf.from_dotlist(words)))
+    unknown = sorted(set(args) - set(keys))
+    missing = [key for key in required if key not in args]
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"{' and '.join(missing)} missing"
+        raise ValueError(f"{prog}: {problem}; usage: {usage}")
+    return args
 
 
 @contextmanager

@@ -2,8 +2,8 @@
 
     python -m tinysam.export checkpoint=PATH|random [model=tinyvit_5m] out=DIR [images=DIR]
 
-The graphs are those of :mod:`tinysam.models.onnx`. Both are validated with ``onnx.checker``
-and compared with PyTorch on the given images (the reference images by default); the files
+The graphs are those of :mod:`tinysam.models.onnx_graphs`. Both are validated with ``onnx.checker``
+and compared with PyTorch on the given images (the two photos shipped with tinysam by default); the files
 appear in ``out`` only once all of that succeeded.
 """
 
@@ -17,18 +17,23 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-from omegaconf import OmegaConf
 from segment_anything.modeling import Sam
 
-from tinysam.config import one_line_errors
+from tinysam.assets import photos
+from tinysam.config import one_line_errors, parse_keys
 from tinysam.data.transforms import list_images, load_image, model_input
 from tinysam.io import check_writable
-from tinysam.models.build import load_model
-from tinysam.models.onnx import DECODER, ENCODER, METADATA, decoder_feed, export_decoder, export_encoder, onnx_metadata
+from tinysam.loader import RANDOM, load_model
+from tinysam.models.onnx_graphs import (
+    DECODER,
+    ENCODER,
+    METADATA,
+    decoder_feed,
+    export_decoder,
+    export_encoder,
+    onnx_metadata,
+)
 from tinysam.predictor import Predictor
-
-RANDOM = "random"  # checkpoint=random: export random weights (seed 0), said out loud
 
 
 def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarray]) -> dict[str, float]:
@@ -102,36 +107,29 @@ def export(
     return record
 
 
-def reference_images() -> list[Path]:
-    """The shared reference photos beside the repository, when present."""
-    folder = Path(__file__).resolve().parents[2] / "shared" / "reference" / "images"
-    return list_images(folder) if folder.is_dir() else []
+USAGE = "python -m tinysam.export checkpoint=PATH|random [model=tinyvit_5m] out=DIR [images=DIR]"
 
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
-    unknown = set(args) - {"checkpoint", "model", "out", "images"}
-    missing = [key for key in ("checkpoint", "out") if key not in args]
-    if unknown or missing:
-        problem = f"unknown keys {sorted(unknown)}" if unknown else f"{' and '.join(missing)} missing"
-        raise SystemExit(
-            f"export: {problem}; usage: python -m tinysam.export checkpoint=PATH|random [model=tinyvit_5m] "
-            "out=DIR [images=DIR]"
-        )
-    images = list_images(args.images) if "images" in args else reference_images()
+    args = parse_keys(
+        sys.argv[1:] if argv is None else argv,
+        "export",
+        USAGE,
+        ("checkpoint", "model", "out", "images"),
+        required=("checkpoint", "out"),
+    )
+    images = list_images(args["images"]) if "images" in args else photos()
     if not images:
-        raise SystemExit("export: no images to check the export on; pass images=<folder of images>")
-    check_writable(args.out)
+        raise ValueError(f"export: images={args['images']} holds no .jpg/.png image to check the export on")
+    check_writable(args["out"])
     name = args.get("model", "tinyvit_5m")
-    checkpoint = None if args.checkpoint == RANDOM else args.checkpoint
-    if checkpoint is None:
+    if args["checkpoint"] == RANDOM:
         print(f"export: checkpoint=random: exporting randomly initialised {name} weights (for tests and timing only)")
-        torch.manual_seed(0)
-    model = load_model(name, checkpoint)
-    record = export(model, args.out, images, architecture=name, checkpoint=str(args.checkpoint))
+    model = load_model(name, args["checkpoint"])
+    record = export(model, args["out"], images, architecture=name, checkpoint=str(args["checkpoint"]))
     print(
-        f"wrote {Path(args.out) / ENCODER} and {DECODER}; max abs diff vs PyTorch: {record['max_abs_diff_vs_pytorch']}"
+        f"wrote {Path(args['out']) / ENCODER} and {DECODER}; max abs diff vs PyTorch: {record['max_abs_diff_vs_pytorch']}"
     )
 
 

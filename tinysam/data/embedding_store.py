@@ -20,13 +20,9 @@ Verify a store: ``python -m tinysam.data.embedding_store verify DIR [--images DI
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +30,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from tinysam.config import one_line_errors, parse_keys
+from tinysam.io import atomic_write, atomic_write_text, file_sha256
+from tinysam.version import __version__
 
 log = logging.getLogger(__name__)
 FORMAT = "tinysam-embedding-store"
@@ -45,23 +45,6 @@ CHECKED_FIELDS = ("teacher", "teacher_checkpoint_sha256", "image_size", "pixel_m
 
 class StoreError(ValueError):
     """An embedding store that cannot be used; one line naming the store, the field and the fix."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _crc(record: np.ndarray) -> int:
@@ -130,10 +113,8 @@ def open_for_writing(store: str | Path, spec: StoreSpec) -> dict[str, Any]:
         if problem:
             raise StoreError(problem)
         return found
-    from tinysam import __version__
-
     manifest = dict(wanted, tinysam_version=__version__, complete=False, count=0, shards=[])
-    _atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=1))  # ranks racing here write the same text
+    atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=1))  # ranks racing here write the same text
     return manifest
 
 
@@ -193,14 +174,14 @@ class ShardWriter:
         stem = f"r{self.rank:03d}-{self.next_seq:05d}"
         data = np.stack(self.records)
         npy = self.dir / f"{stem}.npy"
-        tmp = self.dir / f".{stem}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, npy)
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+                np.save(f, data)
+
+        atomic_write(npy, save)
         meta = {"names": self.names, "crc32": [_crc(r) for r in data], "sha256": file_sha256(npy), "count": len(data)}
-        _atomic_write_text(self.dir / f"{stem}.json", json.dumps(meta))  # the commit point
+        atomic_write_text(self.dir / f"{stem}.json", json.dumps(meta))  # the commit point
         self.written += len(self.names)
         self.next_seq += 1
         self.names, self.records = [], []
@@ -222,9 +203,9 @@ def finalize(store: str | Path) -> dict[str, Any]:
             index[name] = [number, row]
     if duplicates:
         log.warning("embedding store %s: %d duplicate records ignored (first copy kept)", store, duplicates)
-    _atomic_write_text(store / INDEX, json.dumps(index))
+    atomic_write_text(store / INDEX, json.dumps(index))
     manifest.update(complete=True, count=len(index), shards=shards, duplicates_ignored=duplicates)
-    _atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -372,24 +353,31 @@ def verify(store: str | Path, expected_names: Iterable[str] | None = None) -> Ve
     return report
 
 
+VERIFY_USAGE = "python -m tinysam.data.embedding_store verify STORE [images=DIR | images=[DIR,...]]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tinysam.data.embedding_store")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("verify", help="re-hash shards and records; report missing, duplicate or corrupt ones")
-    check.add_argument("store")
-    check.add_argument("--images", nargs="*", default=None, help="SA-1B folders whose samples must all be present")
-    args = parser.parse_args(argv)
+    """``verify STORE [images=...]``: re-hash shards and records; report missing, duplicate or corrupt ones
+    (with ``images``, SA-1B folders whose samples must all be present). Exit code 1 when anything is wrong."""
+    args = parse_keys(
+        sys.argv[1:] if argv is None else argv,
+        "embedding_store",
+        VERIFY_USAGE,
+        ("command", "store", "images"),
+        required=("command", "store"),
+        positional=("command", "store"),
+    )
+    if args["command"] != "verify":
+        raise ValueError(f"embedding_store: unknown command {args['command']!r}; usage: {VERIFY_USAGE}")
     expected = None
-    if args.images:
+    if args.get("images"):
         from tinysam.data.sa1b import find_pairs
 
-        expected = [image.stem for image, _ in find_pairs(args.images)[0]]
-    report = verify(args.store, expected)
+        expected = [image.stem for image, _ in find_pairs(args["images"])[0]]
+    report = verify(args["store"], expected)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
-    from tinysam.config import one_line_errors  # the entry-point harness, not a dependency of the store
-
     sys.exit(one_line_errors()(main)())

@@ -1,4 +1,5 @@
-"""A dataset over folders in the SA-1B layout (``sa_<id>.jpg`` + ``sa_<id>.json``).
+"""Folders in the SA-1B layout (``sa_<id>.jpg`` + ``sa_<id>.json``): a training dataset over them, and
+the one writer of such folders (:func:`write_sa1b`).
 
 Each sample is the SAM-preprocessed image (longest side resized, normalised,
 zero-padded), up to ``max_masks`` of its masks (in the padded input frame, at
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import Dataset
 
 from tinysam.data.transforms import ImageError, list_images, load_image, prepare_image
+from tinysam.io import atomic_write_bytes, atomic_write_text
 from tinysam.models.registry import PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,42 @@ def read_annotations(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise BadSample(f"malformed JSON: {path.name}: {type(err).__name__} {err}") from None
     return record
+
+
+def sa1b_record(
+    file_name: str, image_id: int, size: tuple[int, int], annotations: Sequence[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """The SA-1B JSON of one image: ``image`` {image_id, file_name, height, width}, ``annotations`` numbered from
+    0 (each a dict with at least ``segmentation`` as COCO RLE), and any ``extra`` top-level fields."""
+    return {
+        "image": {"image_id": image_id, "file_name": file_name, "height": size[0], "width": size[1]},
+        **extra,
+        "annotations": [dict(a, id=i) for i, a in enumerate(annotations)],
+    }
+
+
+def write_sa1b(
+    out_dir: str | Path,
+    record: dict[str, Any],
+    image_file: Path | None = None,
+    overlay_png: bytes | None = None,
+) -> Path:
+    """Write ``<stem>.json`` (and ``<stem>_overlay.png``) into ``out_dir`` atomically; returns the JSON's path.
+
+    ``image_file``: the image is placed beside its JSON (a hard link where the file system allows
+    it, else a copy), so that the folder is training data as it is; an image already there is kept.
+    """
+    out_dir = Path(out_dir)
+    stem = Path(record["image"]["file_name"]).stem
+    target = atomic_write_text(out_dir / f"{stem}.json", json.dumps(record))
+    if image_file is not None and not (out_dir / image_file.name).exists():
+        try:
+            os.link(image_file, out_dir / image_file.name)
+        except OSError:
+            shutil.copy2(image_file, out_dir / image_file.name)
+    if overlay_png is not None:
+        atomic_write_bytes(out_dir / f"{stem}_overlay.png", overlay_png)
+    return target
 
 
 class SA1BDataset(Dataset):

@@ -31,6 +31,9 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from tinysam.config import one_line_errors, parse_keys
+from tinysam.data.masks import encode_rle
+
 KINDS = ("ellipse", "polygon", "rectangle", "ring", "bar")
 STUFF = "stuff"  # the kind (and COCO category) of an annotated background region
 SPLITS = ("train", "val")
@@ -200,12 +203,6 @@ def image_id(split: str, index: int) -> int:
     return index + 1 + (VAL_ID_OFFSET if split == "val" else 0)
 
 
-def encode_rle(mask: np.ndarray) -> dict:
-    """COCO RLE of a boolean mask with ``counts`` as a string (JSON-serialisable)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def _sa1b_record(image_id_: int, file_name: str, toy: ToyImage) -> dict:
     h, w = toy.image.shape[:2]
     annotations = []
@@ -351,12 +348,11 @@ def generate(cfg: ToyWorldConfig) -> Path:
 def parse_config(argv: list[str]) -> ToyWorldConfig:
     """``key=value`` overrides on :class:`ToyWorldConfig`; unknown keys fail with the valid ones listed."""
     base = OmegaConf.structured(ToyWorldConfig)
+    args = parse_keys(argv, "toyworld", f"python -m tinysam.data.toyworld [{'=... '.join(base)}=...]", list(base))
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    except Exception as err:  # omegaconf raises several error types with the key in the message
-        raise SystemExit(
-            f"toyworld: {err.__class__.__name__}: {str(err).splitlines()[0]}; valid keys: {', '.join(base)}"
-        )
+        merged = OmegaConf.merge(base, args)
+    except Exception as err:  # a value of the wrong type: omegaconf names the key in its message
+        raise ValueError(f"toyworld: {str(err).splitlines()[0]}; valid keys: {', '.join(base)}") from None
     cfg = OmegaConf.to_object(merged)
     if (
         cfg.image_size < 32
@@ -364,7 +360,7 @@ def parse_config(argv: list[str]) -> ToyWorldConfig:
         or cfg.min_objects < 1
         or cfg.max_objects < cfg.min_objects
     ):
-        raise SystemExit(
+        raise ValueError(
             "toyworld: need image_size >= 32, n_train, n_val, stuff_regions >= 0 and 1 <= min_objects <= max_objects"
         )
     return cfg
@@ -377,6 +373,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from tinysam.config import one_line_errors  # the entry-point harness, not a dependency of the data
-
     one_line_errors()(main)()

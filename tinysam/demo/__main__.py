@@ -5,28 +5,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from tinysam.assets import asset_path
-from tinysam.config import one_line_errors
+from tinysam.config import one_line_errors, parse_keys
 from tinysam.demo.bundle import prepare
 from tinysam.demo.server import DemoServer
 
 KEYS = ("checkpoint", "model", "quantized", "onnx", "encoder", "host", "port", "out")
 USAGE = (
-    "usage: python -m tinysam.demo [checkpoint=PATH model=NAME | quantized=DIR | onnx=DIR] "
+    "python -m tinysam.demo [checkpoint=PATH model=NAME | quantized=DIR | onnx=DIR] "
     "[encoder=browser|server] [host=127.0.0.1] [port=8000] [out=outputs/demo]"
 )
 
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
-    unknown = sorted(set(args) - set(KEYS))
+    args = parse_keys(sys.argv[1:] if argv is None else argv, "demo", USAGE, KEYS)
     sources = [key for key in ("checkpoint", "quantized", "onnx") if key in args]
-    if unknown or len(sources) > 1:
-        problem = f"unknown keys {unknown}" if unknown else f"give one of {' / '.join(sources)}"
-        raise SystemExit(f"demo: {problem}; {USAGE}")
+    if len(sources) > 1:
+        raise ValueError(f"demo: give one of {' / '.join(sources)}; usage: {USAGE}")
     if not sources:  # a fresh clone: the shipped distilled toy student
         args.setdefault("checkpoint", asset_path("toy_student.safetensors"))
         args.setdefault("model", "tinyvit_toy")

@@ -6,7 +6,6 @@ is exported once into a cache folder keyed by its content, and reused while it m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tinysam.models.onnx import DECODER, ENCODER, METADATA
+from tinysam.backends import onnx_session
+from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
+from tinysam.export import export
+from tinysam.io import file_sha256
+from tinysam.loader import load_model
+from tinysam.models.onnx_graphs import DECODER, ENCODER, METADATA
 
 ENCODER_MODES = ("browser", "server")
 METADATA_KEYS = ("image_size", "pixel_mean", "pixel_std", "mask_threshold", "embedding_shape", "mask_side")
@@ -34,14 +38,6 @@ class Bundle:
         """The model files the server may send, by name."""
         names = [DECODER] + ([ENCODER] if self.encoder_mode == "browser" else [])
         return {name: self.folder / name for name in names}
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_folder(folder: str | Path, encoder_mode: str, what: str) -> Bundle:
@@ -64,7 +60,6 @@ def read_folder(folder: str | Path, encoder_mode: str, what: str) -> Bundle:
 
 def onnx_encoder(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     """Image embeddings from ``encoder.onnx`` run by onnxruntime in Python."""
-    from tinysam.backends import onnx_session
 
     session = onnx_session(path)
     return lambda x: session.run(None, {"image": x})[0]
@@ -82,14 +77,10 @@ def torch_encoder(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
 def export_checkpoint(model_name: str, checkpoint: str | Path, out: Path, encoder_mode: str) -> Bundle:
     """Export ``checkpoint`` once into ``out`` (reused while its checkpoint digest and mode match)."""
-    from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
-    from tinysam.export import export
-    from tinysam.models.build import load_model
-
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass checkpoint=PATH (see the README's Demo)")
-    digest = file_digest(checkpoint) if checkpoint.is_file() else file_digest(checkpoint / "model.safetensors")
+    digest = file_sha256(checkpoint) if checkpoint.is_file() else file_sha256(checkpoint / "model.safetensors")
     key = {"architecture": model_name, "checkpoint_sha256": digest}
     with_encoder = encoder_mode == "browser"
     folder = out / f"{model_name}-{digest[:12]}{'' if with_encoder else '-decoder'}"

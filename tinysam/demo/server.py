@@ -60,15 +60,15 @@ class DemoServer(ThreadingHTTPServer):
     def __init__(self, bundle: Bundle, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.bundle = bundle
         self.table = routes(bundle)
-        self.info = json.dumps(
-            {**bundle.metadata, "encoder": bundle.encoder_mode, "name": bundle.folder.name}
-        ).encode()
+        self.info = json.dumps({**bundle.metadata, "encoder": bundle.encoder_mode, "name": bundle.folder.name}).encode()
         self.encode_lock = threading.Lock()
         try:
             super().__init__((host, port), Handler)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise ServerError(f"port {port} on {host} is in use; pass port=<another port> (or port=0 for any)") from None
+                raise ServerError(
+                    f"port {port} on {host} is in use; pass port=<another port> (or port=0 for any)"
+                ) from None
             raise
 
     def __enter__(self) -> "DemoServer":

@@ -20,12 +20,12 @@ from tinysam.data.embedding_store import (
     StoreSpec,
     clean_partial,
     done_names,
-    file_sha256,
     finalize,
     open_for_writing,
 )
 from tinysam.data.sa1b import SA1BImages, SkipReport, collate_images
 from tinysam.data.toyworld import generate
+from tinysam.io import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from tinysam.data.embedding_store import EmbeddingStore, StoreError, read_manife
 from tinysam.distill.callbacks import CheckpointOnSigterm, DataWaitMonitor, ExportStudent
 from tinysam.distill.module import VAL_KINDS, DistillModule
 from tinysam.distill.precompute import teacher_store_spec
+from tinysam.runtime import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,9 @@ def resolve_ckpt_path(value: str | None, checkpoint_dir: Path) -> str | None:
 
 def metrics_table(metrics: dict[str, float]) -> str:
     """Markdown table of the held-out mIoUs that validation logged."""
-    rows = ["| prompt | student vs GT | student vs teacher | teacher vs GT |", "|---|---|---|---|"]
-    for kind in VAL_KINDS:
-        cells = [
-            metrics.get(f"val/{kind}_miou_gt"),
-            metrics.get(f"val/{kind}_miou_teacher"),
-            metrics.get(f"val/teacher_{kind}_miou_gt"),
-        ]
-        rows.append(f"| {kind} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-    return "\n".join(rows)
+    columns = ("val/{}_miou_gt", "val/{}_miou_teacher", "val/teacher_{}_miou_gt")
+    rows = [[kind, *(metrics.get(c.format(kind)) for c in columns)] for kind in VAL_KINDS]
+    return markdown_table(("prompt", "student vs GT", "student vs teacher", "teacher vs GT"), rows, digits=3)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -24,10 +24,11 @@ from pycocotools.cocoeval import COCOeval
 from segment_anything.modeling import Sam
 
 from tinysam.data.coco import CocoFormatError, DetectionSet, image_path, load_coco_instances, load_detections
-from tinysam.data.toyworld import encode_rle
+from tinysam.data.layouts import CocoLayout
+from tinysam.data.masks import encode_rle
 from tinysam.data.transforms import ImageError, load_image
-from tinysam.eval.data import CocoLayout, progress
 from tinysam.predictor import Predictor, clip_boxes
+from tinysam.runtime import markdown_table, progress
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,8 @@ def score_lvis(annotations: str | Path, results: list[dict]) -> dict[str, float 
 
 
 def metrics_table(metrics: dict[str, float | None]) -> str:
-    """One-row markdown table of the AP metrics."""
-    names = list(metrics)
-    cells = ["-" if metrics[n] is None else f"{metrics[n]:.1f}" for n in names]
-    return "\n".join(["| " + " | ".join(names) + " |", "|" + "---|" * len(names), "| " + " | ".join(cells) + " |"])
+    """One-row markdown table of AP or AR metrics (percent, one decimal)."""
+    return markdown_table(list(metrics), [list(metrics.values())])
 
 
 def evaluate(
@@ -207,7 +206,7 @@ def evaluate(
     if detector is None:
         detections = load_detections(dataset.detections, coco)
     else:
-        from tinysam.grounded.coco import text_detections
+        from tinysam.eval.text_detections import text_detections
 
         detections = text_detections(coco, dataset.images_dir, detector)
     segmenter = BoxSegmenter(Predictor(model), multimask=multimask, batch_size=batch_size)

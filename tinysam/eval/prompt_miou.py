@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from tinysam.eval.data import CocoLayout, Sa1bLayout, progress
-from tinysam.models.build import load_model
+from tinysam.data.layouts import CocoLayout, Sa1bLayout
+from tinysam.loader import load_model
 from tinysam.predictor import Predictor
+from tinysam.runtime import progress
 
 SIZE_BUCKETS = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}  # COCO's areas
 

@@ -7,8 +7,8 @@ import logging
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tinysam.eval.data import resolve_device
-from tinysam.models.build import load_model
+from tinysam.loader import load_model
+from tinysam.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ from collections.abc import Generator
 
 import numpy as np
 
-from tinysam.everything.base import MaskGenerator, RoundFeedback, grid_points
+from tinysam.data.masks import grid_points
+from tinysam.everything.base import MaskGenerator, RoundFeedback
 
 
 def grid_levels(points_per_side: int, n_levels: int = 3) -> list[np.ndarray]:

@@ -14,48 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     MaskData,
     batched_mask_to_box,
     box_xyxy_to_xywh,
-    build_point_grid,
     calculate_stability_score,
-    mask_to_rle_pytorch,
     remove_small_regions,
 )
 from torchvision.ops.boxes import batched_nms
 
+from tinysam.data.masks import check_output_mode, decode_rle, encode_rles, pixel_of, rle_areas, to_output_mode
 from tinysam.data.transforms import load_image, to_rgb_uint8
 from tinysam.predictor import Predictor
-
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-
-
-def grid_points(points_per_side: int, size: tuple[int, int]) -> np.ndarray:
-    """SAM's evenly spaced ``points_per_side``² grid in pixel XY for an image of ``size`` (H, W)."""
-    h, w = size
-    return build_point_grid(points_per_side) * np.array([[w, h]], dtype=np.float64)
-
-
-def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """COCO RLEs (compressed) of boolean masks (N, H, W), in one pycocotools call."""
-    fortran = masks.transpose(1, 2).contiguous().cpu().numpy().view(np.uint8).transpose(2, 1, 0)  # (H, W, N)
-    return mask_utils.encode(fortran)
-
-
-def rle_areas(rles: list[dict[str, Any]]) -> list[int]:
-    """Pixel counts of COCO RLEs; pycocotools' ``area`` takes at most 255 at a time (a uint8 count)."""
-    return [int(a) for start in range(0, len(rles), 255) for a in mask_utils.area(rles[start : start + 255])]
-
-
-def pixel_of(points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of XY ``points``, clipped into an image of ``size`` (H, W)."""
-    h, w = size
-    rows = np.clip(np.floor(points[:, 1]).astype(np.int64), 0, h - 1)
-    cols = np.clip(np.floor(points[:, 0]).astype(np.int64), 0, w - 1)
-    return rows, cols
 
 
 @dataclass
@@ -109,8 +80,7 @@ class MaskGenerator:
         backend: str = "eager",
         onnx_dir: str | Path | None = None,
     ) -> None:
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+        check_output_mode(output_mode)
         if min(points_per_side, points_per_batch, upscale_chunk) < 1:
             raise ValueError("points_per_side, points_per_batch and upscale_chunk must be >= 1")
         if min_mask_region_area > 0:
@@ -188,7 +158,7 @@ class MaskGenerator:
                 chunk_cpu = chunk.cpu().numpy()
                 kept.cat(
                     MaskData(
-                        rles=encode_masks(masks),
+                        rles=encode_rles(masks),
                         boxes=batched_mask_to_box(masks).float(),
                         iou_preds=iou[chunk],
                         points=torch.as_tensor(batch[chunk_cpu // 3]),
@@ -209,31 +179,20 @@ class MaskGenerator:
         """SAM's hole and island removal, then NMS again (preferring masks that were not changed)."""
         masks, scores = [], []
         for rle in data["rles"]:
-            mask, changed = remove_small_regions(
-                mask_utils.decode(rle).astype(bool), self.min_mask_region_area, "holes"
-            )
+            mask, changed = remove_small_regions(decode_rle(rle), self.min_mask_region_area, "holes")
             mask, unchanged = remove_small_regions(mask, self.min_mask_region_area, "islands")
             masks.append(torch.as_tensor(mask))
             scores.append(float(not changed and unchanged))
         masks_ = torch.stack(masks)
         boxes = batched_mask_to_box(masks_)
         keep = batched_nms(boxes.float(), torch.as_tensor(scores), torch.zeros(len(boxes)), self.box_nms_thresh)
-        data["rles"] = encode_masks(masks_)
+        data["rles"] = encode_rles(masks_)
         data["boxes"] = boxes
         data.filter(keep)
         return data
 
     def _records(self, data: MaskData, size: tuple[int, int]) -> list[dict[str, Any]]:
-        if self.output_mode == "coco_rle":
-            segmentations: list[Any] = [
-                {"size": r["size"], "counts": r["counts"].decode("utf-8")} for r in data["rles"]
-            ]
-        else:
-            masks = [mask_utils.decode(rle).astype(bool) for rle in data["rles"]]
-            if self.output_mode == "binary_mask":
-                segmentations = masks
-            else:
-                segmentations = mask_to_rle_pytorch(torch.as_tensor(np.stack(masks))) if masks else []
+        segmentations = to_output_mode(data["rles"], self.output_mode)
         areas = rle_areas(data["rles"])
         return [
             {

@@ -1,4 +1,4 @@
-"""TinySAM's hierarchical segment-everything (section 3.3) and the one-round dense-grid baseline."""
+"""TinySAM's hierarchical segment-everything (section 3.3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Generator
 
 import numpy as np
 
-from tinysam.everything.base import MaskGenerator, RoundFeedback, grid_points
+from tinysam.data.masks import grid_points
+from tinysam.everything.base import MaskGenerator, RoundFeedback
 
 # Round 2's offsets around a round-1 point, in strides, in the official code's order: the 3x3
 # block without its centre (x outer, y inner), then x + 2, then y + 2, then the corner (+2, +2).
@@ -31,13 +32,6 @@ def lattice_points(sparse: np.ndarray, points_per_side: int, size: tuple[int, in
     points = (sparse[:, None, :] + LATTICE_OFFSETS[None] * stride).reshape(-1, 2)
     inside = (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
     return points[inside]
-
-
-class DenseMaskGenerator(MaskGenerator):
-    """SAM's baseline: every point of the ``points_per_side``² grid in one round."""
-
-    def _rounds(self, size: tuple[int, int]) -> Generator[np.ndarray, RoundFeedback, None]:
-        yield grid_points(self.points_per_side, size)
 
 
 class HierarchicalMaskGenerator(MaskGenerator):

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tinysam.runtime import resolve_device
+
 MODEL_IDS = ("IDEA-Research/grounding-dino-tiny", "IDEA-Research/grounding-dino-base")
 MODEL_TYPE = "grounding-dino"
 INSTALL = 'pip install "tinysam[grounded]"'
@@ -153,8 +155,6 @@ class GroundingDino:
     def __init__(
         self, folder: str | Path, box_threshold: float = 0.35, text_threshold: float = 0.25, device: str = "cpu"
     ) -> None:
-        from tinysam.eval.data import resolve_device
-
         self.box_threshold = check_threshold("box_threshold", box_threshold)
         self.text_threshold = check_threshold("text_threshold", text_threshold)
         transformers = _transformers()

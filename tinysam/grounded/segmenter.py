@@ -11,12 +11,10 @@ import torch
 from segment_anything.modeling import Sam
 from torchvision.ops import batched_nms
 
-from tinysam.data.toyworld import encode_rle
+from tinysam.data.masks import check_output_mode, encode_rles, to_output_mode
 from tinysam.data.transforms import load_image, to_rgb_uint8
-from tinysam.grounded.detector import DetectorError, TextDetections, check_threshold
+from tinysam.grounded.detector import TextDetections, check_threshold
 from tinysam.predictor import Predictor, clip_boxes
-
-OUTPUT_MODES = ("binary_mask", "coco_rle")
 
 
 class TextDetector(Protocol):
@@ -50,7 +48,7 @@ class GroundedSegmenter:
             ``onnx_dir`` runs a written ONNX pair (the INT8 one of ``quantize.py``).
         nms_threshold: class-wise box NMS IoU (``1.0`` turns it off).
         multimask: keep the multimask output of highest predicted IoU (else the single-mask output).
-        output_mode: ``binary_mask`` (boolean arrays) or ``coco_rle``.
+        output_mode: ``binary_mask`` (boolean arrays), ``uncompressed_rle`` or ``coco_rle``.
     """
 
     def __init__(
@@ -63,8 +61,7 @@ class GroundedSegmenter:
         multimask: bool = True,
         output_mode: str = "binary_mask",
     ) -> None:
-        if output_mode not in OUTPUT_MODES:
-            raise DetectorError(f"output_mode={output_mode!r}; choose one of {OUTPUT_MODES}")
+        check_output_mode(output_mode)
         self.detector = detector
         self.predictor = Predictor(model, backend=backend, onnx_dir=onnx_dir)
         self.nms_threshold = check_threshold("nms_threshold", nms_threshold)
@@ -94,16 +91,20 @@ class GroundedSegmenter:
         masks, iou, _ = self.predictor.predict(boxes=detections.boxes, multimask_output=self.multimask)
         best = iou.argmax(axis=1)
         rows = np.arange(len(best))
+        chosen = masks[rows, best]
+        segmentations = (
+            list(chosen) if self.output_mode == "binary_mask" else to_output_mode(encode_rles(chosen), self.output_mode)
+        )
         records = []
-        for box, phrase, score, mask, quality in zip(
-            detections.boxes, detections.phrases, detections.scores, masks[rows, best], iou[rows, best]
+        for box, phrase, score, mask, segmentation, quality in zip(
+            detections.boxes, detections.phrases, detections.scores, chosen, segmentations, iou[rows, best]
         ):
             records.append(
                 {
                     "bbox_xyxy": [float(v) for v in box],
                     "phrase": phrase,
                     "score": float(score),
-                    "segmentation": encode_rle(mask) if self.output_mode == "coco_rle" else mask,
+                    "segmentation": segmentation,
                     "predicted_iou": float(quality),
                     "area": int(mask.sum()),
                 }

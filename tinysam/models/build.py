@@ -1,26 +1,22 @@
-"""Build registered architectures with their weights: students, frozen teachers, inference models.
+"""Build registered architectures with their float weights: students, frozen teachers, trainable models.
 
-The architectures themselves are in :mod:`tinysam.models.registry`; checkpoints are read by
-:mod:`tinysam.models.checkpoint`, quantized model folders by :mod:`tinysam.quant.artifact`.
+The training configs instantiate these (``_target_``). For inference, :func:`tinysam.load_model` is
+the one way in: it also opens quantized model folders. The architectures themselves are in
+:mod:`tinysam.models.registry`; checkpoints are read by :mod:`tinysam.models.checkpoint`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from segment_anything.modeling import Sam
 
 from tinysam.models.checkpoint import load_checkpoint
 from tinysam.models.registry import (
-    SAM_TEACHERS,
     STUDENTS,
-    TOY_TEACHERS,
     build_student_arch,
     build_teacher_arch,
-    unknown_architecture,
 )
-from tinysam.quant.artifact import is_quantized_dir, load_quantized
 
 
 def build_student(
@@ -68,21 +64,3 @@ def build_model(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.train()
-
-
-def load_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Sam:
-    """Any registered architecture with ``checkpoint`` loaded, frozen, in eval mode on ``device``.
-
-    The inference entry points (evaluation, segment-everything, quantization) use this;
-    ``checkpoint`` may be an official ``.pth``, one of our safetensors files, or a quantized
-    model directory written by ``quantize.py`` (its fake-quant model; ``name`` must match it).
-    """
-    if checkpoint is not None and is_quantized_dir(checkpoint):
-        model, info = load_quantized(checkpoint)
-        if info["arch"] != name:
-            raise ValueError(f"{checkpoint} holds a quantized {info['arch']}, not {name}; pass model={info['arch']}")
-        return model.to(device)
-    if name not in STUDENTS and name not in SAM_TEACHERS and name not in TOY_TEACHERS:
-        raise unknown_architecture(name, {*STUDENTS, *SAM_TEACHERS, *TOY_TEACHERS})
-    model = build_student(name, checkpoint) if name in STUDENTS else build_teacher(name, checkpoint)
-    return model.eval().requires_grad_(False).to(device)

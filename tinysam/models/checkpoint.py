@@ -20,6 +20,7 @@ from torch import nn
 
 from tinysam.io import atomic_write
 from tinysam.models.registry import architecture_builders
+from tinysam.version import __version__
 
 WHERE_TO_GET_WEIGHTS = (
     "official weights are published by their authors: SAM ViT-H/L/B at "
@@ -191,8 +192,6 @@ def save_checkpoint(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_checkpoint: {path} must end in .safetensors")
-    from tinysam import __version__
-
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     info: dict[str, Any] = {"format": "tinysam-checkpoint", "tinysam_version": __version__}
     if weights_dtype is not None:

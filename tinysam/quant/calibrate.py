@@ -20,8 +20,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
+from tinysam.data.masks import grid_points
 from tinysam.data.transforms import model_input
-from tinysam.everything.base import grid_points
 from tinysam.quant.attention import QuantMatMul
 from tinysam.quant.fake_quant import QuantGELU, QuantLayer, set_enabled, weight_axis
 from tinysam.quant.scale_search import (

@@ -15,14 +15,13 @@ from segment_anything.modeling import Sam
 
 from tinysam.data.toyworld import generate
 from tinysam.data.transforms import ImageError, list_images, load_image
-from tinysam.eval.data import progress, resolve_device
 from tinysam.io import check_writable
-from tinysam.models.build import load_model
 from tinysam.quant.artifact import save_quantized
 from tinysam.quant.calibrate import calibrate, collect
-from tinysam.quant.export import export_onnx
 from tinysam.quant.fake_quant import wrap_model
+from tinysam.quant.int8_onnx import export_onnx
 from tinysam.quant.quantizers import check_bits
+from tinysam.runtime import progress
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +113,13 @@ def quantize_model(
     return recipe, layers
 
 
-def run(cfg: DictConfig) -> dict:
-    """Quantize ``cfg.model`` from ``cfg.checkpoint`` and write ``cfg.out``; returns the recipe written."""
+def run(cfg: DictConfig, model: Sam) -> dict:
+    """Quantize ``model`` (``cfg.model`` loaded from ``cfg.checkpoint``) into ``cfg.out``; returns the recipe written."""
     weight_bits, act_bits = check_bits(cfg.weight_bits), check_bits(cfg.act_bits)
     check_writable(cfg.out)
     if cfg.calibration.toyworld is not None:
         generate(instantiate(cfg.calibration.toyworld))
     images, names, skipped = calibration_images(cfg.calibration.images, cfg.calibration.count)
-    model = load_model(cfg.model, cfg.checkpoint, resolve_device(cfg.device))
     recipe, layers = quantize_model(
         model,
         images,

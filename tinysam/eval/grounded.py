@@ -1,4 +1,4 @@
-"""Text-prompted labelling of a folder: ``python evaluate.py task=grounded images=DIR text="..." detector=...``.
+"""``evaluate.py task=grounded``: text-prompted labelling of a folder: ``python evaluate.py task=grounded images=DIR text="..." detector=...``.
 
 Per image: ``<stem>.json`` in SA-1B layout (COCO RLE masks, XYWH boxes, area, predicted IoU, plus
 the phrase and detector score of each mask) with the image beside it, so the output folder is
@@ -10,11 +10,8 @@ atomically; an unreadable image is skipped and counted.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,15 +19,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 
+from tinysam.data.layouts import readable_images
+from tinysam.data.masks import decode_rle, overlay, png_bytes
+from tinysam.data.sa1b import sa1b_record, write_sa1b
 from tinysam.data.transforms import list_images
-from tinysam.eval.data import readable_images
-from tinysam.everything.annotate import overlay
 from tinysam.grounded.detector import DetectorError
 from tinysam.grounded.segmenter import GroundedSegmenter, TextDetector
-from tinysam.io import atomic_write_bytes
+from tinysam.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +39,19 @@ def xywh(box: Sequence[float]) -> list[float]:
 
 def labelled_overlay(rgb: np.ndarray, records: list[dict]) -> bytes:
     """PNG of the image with each mask tinted, its box drawn and its phrase and score written."""
-    masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in records]
-    picture = Image.fromarray(overlay(rgb, masks))
+    picture = Image.fromarray(overlay(rgb, [decode_rle(r["segmentation"]) for r in records]))
     draw = ImageDraw.Draw(picture)
     for r in records:
         x0, y0, x1, y1 = r["bbox_xyxy"]
         draw.rectangle((x0, y0, x1, y1), outline=(255, 255, 0), width=2)
         draw.text((x0 + 2, max(y0 - 11, 0)), f"{r['phrase']} {r['score']:.2f}", fill=(255, 255, 0))
-    png = io.BytesIO()
-    picture.save(png, format="PNG")
-    return png.getvalue()
+    return png_bytes(picture)
 
 
-def sa1b_annotation(index: int, record: dict[str, Any]) -> dict[str, Any]:
+def sa1b_annotation(record: dict[str, Any]) -> dict[str, Any]:
     """One mask in SA-1B layout, with the grounding (phrase, detector score) kept beside it."""
     x0, y0, x1, y1 = record["bbox_xyxy"]
     return {
-        "id": index,
         "segmentation": record["segmentation"],
         "bbox": xywh(record["bbox_xyxy"]),
         "area": record["area"],
@@ -67,16 +60,6 @@ def sa1b_annotation(index: int, record: dict[str, Any]) -> dict[str, Any]:
         "phrase": record["phrase"],
         "score": record["score"],
     }
-
-
-def _place_image(source: Path, target: Path) -> None:
-    """The image beside its JSON: a hard link where the file system allows it, else a copy."""
-    if target.exists():
-        return
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def annotate(
@@ -108,12 +91,8 @@ def annotate(
     for index, path, rgb in readable_images(files, "text-prompted segmentation", skipped):
         image_id = index + 1
         records = segmenter.segment(rgb, text)
-        info = {"image_id": image_id, "file_name": path.name, "height": rgb.shape[0], "width": rgb.shape[1]}
-        record = {"image": info, "text": text, "annotations": [sa1b_annotation(i, r) for i, r in enumerate(records)]}
-        atomic_write_bytes(out_dir / f"{path.stem}.json", json.dumps(record).encode())
-        _place_image(path, out_dir / path.name)
-        if overlays:
-            atomic_write_bytes(out_dir / f"{path.stem}_overlay.png", labelled_overlay(rgb, records))
+        record = sa1b_record(path.name, image_id, rgb.shape[:2], [sa1b_annotation(r) for r in records], text=text)
+        write_sa1b(out_dir, record, image_file=path, overlay_png=labelled_overlay(rgb, records) if overlays else None)
         coco_images.append({"id": image_id, "file_name": path.name, "height": rgb.shape[0], "width": rgb.shape[1]})
         for r in records:
             coco_annotations.append(
@@ -133,7 +112,7 @@ def annotate(
         "annotations": coco_annotations,
         "categories": [{"id": i, "name": name} for name, i in categories.items()],
     }
-    atomic_write_bytes(out_dir / "instances.json", json.dumps(instances).encode())
+    atomic_write_text(out_dir / "instances.json", json.dumps(instances))
     report = {
         "images": len(coco_images),
         "masks": len(coco_annotations),

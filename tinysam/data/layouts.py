@@ -1,27 +1,24 @@
-"""What the evaluation tasks read: a COCO-layout dataset (images, instances, detections) and progress."""
+"""Dataset layouts the evaluation tasks read: a COCO-layout folder (images, instances, detections), an SA-1B
+folder, and the readable images of a file list."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
-import torch
-from pycocotools import mask as mask_utils
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tinysam.data.coco import image_path, load_coco_instances
+from tinysam.data.masks import decode_rle
 from tinysam.data.sa1b import BadSample, find_pairs, read_annotations
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import ImageError, load_image
+from tinysam.runtime import progress
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -68,20 +65,6 @@ class CocoLayout:
             yield path.name, rgb, masks
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` under a rich progress bar with a count and an ETA."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
-        yield from bar.track(items, total=total, description=description)
-
-
 def readable_images(files: list[Path], description: str, skipped: Counter) -> Iterator[tuple[int, Path, np.ndarray]]:
     """``(index, path, rgb)`` of each file that loads, under a progress bar; an unreadable file is logged and
     counted in ``skipped["unreadable image"]``, never fatal."""
@@ -112,7 +95,7 @@ class Sa1bLayout:
             try:
                 record = read_annotations(json_file)
                 rgb = load_image(image_file)
-                masks = np.stack([mask_utils.decode(a["segmentation"]).astype(bool) for a in record["annotations"]])
+                masks = np.stack([decode_rle(a["segmentation"]) for a in record["annotations"]])
             except (BadSample, ImageError, KeyError, TypeError, ValueError) as err:
                 log.warning("skipping %s: %s", image_file, err)
                 skipped["unreadable image or annotations"] += 1

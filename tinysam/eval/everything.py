@@ -1,4 +1,4 @@
-"""Automatic annotation of a folder (SAM's "fully automatic" data-engine stage): masks of everything.
+"""``evaluate.py task=everything``: automatic annotation of a folder (SAM's "fully automatic" data-engine stage): masks of everything.
 
 Per image, ``<stem>.json`` in SA-1B layout (COCO RLE masks) and optionally ``<stem>_overlay.png``;
 written atomically, so an interrupted run leaves only whole files. Unreadable images are skipped
@@ -8,26 +8,22 @@ class-agnostic proposals (mask AR) with pycocotools.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 
 from tinysam.data.coco import CocoFormatError, load_coco_instances
+from tinysam.data.layouts import readable_images
+from tinysam.data.masks import decode_rle, overlay, png_bytes
+from tinysam.data.sa1b import sa1b_record, write_sa1b
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images
 from tinysam.eval.coco_instances import metrics_table, score_proposals
-from tinysam.eval.data import readable_images
-from tinysam.everything.adaptive import AdaptiveMaskGenerator
-from tinysam.everything.hierarchical import DenseMaskGenerator, HierarchicalMaskGenerator
-from tinysam.io import atomic_write_bytes
+from tinysam.everything import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +32,6 @@ GENERATORS = {
     "dense": DenseMaskGenerator,
     "adaptive": AdaptiveMaskGenerator,
 }
-
-
-def sa1b_record(file_name: str, image_id: int, size: tuple[int, int], masks: list[dict[str, Any]]) -> dict:
-    """The SA-1B-layout JSON of one image from generator records in ``coco_rle`` mode."""
-    annotations = [dict(m, id=i) for i, m in enumerate(masks)]
-    return {
-        "image": {"image_id": image_id, "file_name": file_name, "height": size[0], "width": size[1]},
-        "annotations": annotations,
-    }
-
-
-def overlay(rgb: np.ndarray, masks: list[np.ndarray], seed: int = 0) -> np.ndarray:
-    """The image with each mask tinted in its own colour (largest first, so small ones stay visible)."""
-    out = rgb.astype(np.float32)
-    colours = np.random.default_rng(seed).uniform(0, 255, size=(len(masks), 3))
-    for i in np.argsort([-m.sum() for m in masks]):
-        out[masks[i]] = 0.45 * out[masks[i]] + 0.55 * colours[i]
-    return out.astype(np.uint8)
 
 
 def annotate(
@@ -99,13 +77,8 @@ def annotate(
         prompts.update({f"round_{i + 1}": n for i, n in enumerate(gen.prompts_per_stage)})
         n_masks += len(masks)
         image_id = ids_by_name.get(path.name, index)
-        record = sa1b_record(path.name, image_id, rgb.shape[:2], masks)
-        atomic_write_bytes(out_dir / f"{path.stem}.json", json.dumps(record).encode())
-        if overlays:
-            binary = [mask_utils.decode(m["segmentation"]).astype(bool) for m in masks]
-            png = io.BytesIO()
-            Image.fromarray(overlay(rgb, binary)).save(png, format="PNG")
-            atomic_write_bytes(out_dir / f"{path.stem}_overlay.png", png.getvalue())
+        picture = png_bytes(overlay(rgb, [decode_rle(m["segmentation"]) for m in masks])) if overlays else None
+        write_sa1b(out_dir, sa1b_record(path.name, image_id, rgb.shape[:2], masks), overlay_png=picture)
         if path.name in ids_by_name:
             scored_ids.append(image_id)
             results += [

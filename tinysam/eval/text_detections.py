@@ -17,9 +17,9 @@ from pycocotools.coco import COCO
 
 from tinysam.data.coco import DetectionSet, ImageDetections, image_path
 from tinysam.data.transforms import ImageError, load_image
-from tinysam.eval.data import progress
 from tinysam.grounded.detector import class_names
 from tinysam.grounded.segmenter import TextDetector, class_wise_nms
+from tinysam.runtime import progress
 
 
 def phrase_category(phrase: str, ids_by_name: dict[str, int]) -> int | None:

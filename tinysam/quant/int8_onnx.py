@@ -371,14 +371,14 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer 
 
 def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str | Path) -> dict[str, str]:
     """``encoder.onnx`` and ``decoder.onnx`` with our quantized layers as integer kernels, and ``export.json``
-    (the runtime metadata of :func:`~tinysam.models.onnx.onnx_metadata`) of a calibrated model.
+    (the runtime metadata of :func:`~tinysam.models.onnx_graphs.onnx_metadata`) of a calibrated model.
 
     In the decoder that is every linear layer of SAM's two-way transformer (the per-prompt work
     over the image tokens); its small token MLPs (hypernetworks, IoU head; ``Gemm`` nodes), the
     attention matmuls and the upscaling stay float. The pair is what
     ``Predictor(model, backend="onnx", onnx_dir=out)`` runs, everything mode included.
     """
-    from tinysam.models.onnx import DECODER, ENCODER, METADATA, export_decoder, export_encoder, onnx_metadata
+    from tinysam.models.onnx_graphs import DECODER, ENCODER, METADATA, export_decoder, export_encoder, onnx_metadata
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

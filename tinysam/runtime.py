@@ -1,0 +1,38 @@
+"""Small run-time helpers every layer may use: the device to run on, a progress bar, a markdown table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate ``items`` under a rich progress bar with a count and an ETA."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        yield from bar.track(items, total=total, description=description)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[float | str | None]], digits: int = 1) -> str:
+    """A markdown table; numbers get ``digits`` decimals and ``None`` prints as ``-``."""
+
+    def cell(value: float | str | None) -> str:
+        if value is None:
+            return "-"
+        return value if isinstance(value, str) else f"{value:.{digits}f}"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
