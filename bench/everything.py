@@ -22,9 +22,8 @@ chosen on seed 0 (``fine_covers`` was chosen on seeds 0 and 1).
 Part 2, speed (``--speed-images`` photos at ``--speed-side`` px, ``tinyvit_5m``): SAM's
 ``SamAutomaticMaskGenerator(crop_n_layers=0)`` against our dense generator on the same model and
 thresholds (SAM's 0.88 / 0.95; our eager path, the factored decoder, onnxruntime, and onnxruntime on the W8A8 model that
-``quantize_model`` writes, calibrated min-max on the last reference photo), with the share of masks matched at
-IoU >= 0.95 both ways. The student's weights are the reference state dict when
-``../shared/reference`` is there, else seeded random ones.
+``quantize_model`` writes, calibrated min-max on the last shipped photo), with the share of masks matched at
+IoU >= 0.95 both ways. The student's weights are the seeded reference state dict of ``tests/reference``.
 """
 
 from __future__ import annotations

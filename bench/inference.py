@@ -1,7 +1,7 @@
 """Inference speed of the student at 1024 px: every backend next to plain eager PyTorch, one run.
 
-Same weights (the seeded reference weights of the official architecture when present, else a
-seeded random init), same input. Per backend: encoder latency (median of --runs after a
+Same weights (the seeded reference weights of the official architecture, ``tests/reference``),
+same input. Per backend: encoder latency (median of --runs after a
 warm-up), GFLOP/s and its share of this machine's measured fp32 matmul peak, mask-decoder
 latency per prompt batch, peak resident memory (each backend in its own process), and the
 max abs difference of its embedding from eager's; for the factored decoder, time per prompt by

@@ -214,7 +214,9 @@ class EmbeddingStore:
 
     Args:
         path: the store folder.
-        teacher, image_size, teacher_checkpoint_sha256: when given, must equal the manifest's.
+        teacher: when given, must equal the manifest's teacher name.
+        image_size: when given, must equal the manifest's image size.
+        teacher_checkpoint_sha256: when given, must equal the manifest's checkpoint hash.
         check_records: verify each record's CRC32 when read (cheap; catches flipped bytes).
     """
 

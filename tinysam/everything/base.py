@@ -55,13 +55,15 @@ class MaskGenerator:
         pred_iou_thresh: keep masks whose predicted IoU is at least this.
         high_score_thresh: logit above which a kept mask's pixels count as confidently covered
             (used by the hierarchical generator).
-        stability_score_thresh, stability_score_offset: SAM's stability filter.
+        stability_score_thresh: SAM's stability filter: keep masks at least this stable.
+        stability_score_offset: the logit offset of SAM's stability score.
         box_nms_thresh: IoU of boxes above which the lower-scoring mask is suppressed.
         min_mask_region_area: remove holes and islands smaller than this (needs OpenCV, as in SAM).
         output_mode: ``binary_mask``, ``uncompressed_rle`` or ``coco_rle``.
         upscale_chunk: masks upscaled to full resolution at a time (bounds peak memory).
-        backend, onnx_dir: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``factored``,
-            ``compile``, ``onnx``) and, for ``onnx``, a folder of exported or quantized (INT8) models.
+        backend: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``factored``, ``compile``,
+            ``onnx``).
+        onnx_dir: for ``onnx``, a folder of exported or quantized (INT8) models.
     """
 
     def __init__(
