@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
-from tinysam import build_teacher
+from tinysam import Predictor, build_teacher, load_model
 from tinysam.assets import asset_path
 from tinysam.data.layouts import CocoLayout, Sa1bLayout
 from tinysam.data.toyworld import ToyWorldConfig, generate
@@ -60,6 +62,36 @@ def test_mask_boxes_cover_whole_pixels():
 @pytest.fixture(scope="module")
 def val(tmp_path_factory):
     return generate(ToyWorldConfig(out=str(tmp_path_factory.mktemp("toy") / "w"), n_train=1, n_val=3, seed=4)) / "val"
+
+
+def test_prompt_miou_against_a_different_teacher(val, tmp_path):
+    """Student vs teacher is each object's IoU between the two models' best masks for the same GT box,
+    recomputed here with two Predictors; a teacher that differs gives less than 1."""
+    student = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    dataset = CocoLayout(images=str(val), annotations=str(val / "instances.json"))
+    report = evaluate(
+        student,
+        tmp_path,
+        dataset,
+        clicks=1,
+        teacher_model="vit_toy",
+        teacher_checkpoint=asset_path("toy_teacher.safetensors"),
+    )
+    ours, theirs = Predictor(student), Predictor(load_model("vit_toy", asset_path("toy_teacher.safetensors")))
+    expected = []
+    for _, rgb, gt in dataset.instances(Counter()):
+        boxes = mask_boxes(gt)
+        best = []
+        for predictor in (ours, theirs):
+            predictor.set_image(rgb)
+            masks, scores, _ = predictor.predict(boxes=boxes, multimask_output=True)
+            best.append(masks[np.arange(len(masks)), scores.argmax(1)])
+        inter, union = (best[0] & best[1]).sum((1, 2)), (best[0] | best[1]).sum((1, 2))
+        expected += list(np.where(union > 0, inter / np.maximum(union, 1), 1.0))
+    assert report["objects"]["all"] == len(expected)
+    assert report["miou"]["box"]["teacher"]["all"] == pytest.approx(float(np.mean(expected)), abs=1e-4)
+    assert 0.2 < report["miou"]["box"]["teacher"]["all"] < 0.95, "the two models differ, and agree on much"
+    assert report["miou"]["box"]["teacher"]["all"] != report["miou"]["box"]["gt"]["all"]
 
 
 def test_prompt_miou_against_itself_as_teacher(val, tmp_path):

@@ -115,10 +115,13 @@ def test_single_mask_output_logits_and_mask_input(predictor):
         boxes=np.array([80, 50, 220, 150]), multimask_output=False, return_logits=True
     )
     assert masks.shape == (1, 200, 300) and masks.dtype == np.float32 and iou.shape == (1,)
-    refined, _, _ = predictor.predict(
-        point_coords=np.array([[150, 100]]), point_labels=np.array([1]), mask_input=low_res, multimask_output=False
-    )
+    click = {"point_coords": np.array([[150, 100]]), "point_labels": np.array([1]), "multimask_output": False}
+    refined, _, refined_low = predictor.predict(mask_input=low_res, **click)
     assert refined.shape == (1, 200, 300) and refined.dtype == np.bool_
+    # the mask input reaches the decoder: the same click without it, or with another mask, decodes differently
+    _, _, plain_low = predictor.predict(**click)
+    _, _, other_low = predictor.predict(mask_input=-low_res, **click)
+    assert np.abs(refined_low - plain_low).max() > 1e-3 and np.abs(refined_low - other_low).max() > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -89,17 +89,30 @@ def test_disagreement_clicks_have_teacher_labels():
 def test_same_seed_same_prompts_and_state_round_trip():
     masks, boxes, valid = _batch()
     a, b = HardPromptSampler(seed=7), HardPromptSampler(seed=7)
+
+    def same(pa, pb) -> bool:
+        """Equal prompts: the same images, and the same box, point and label values (or both absent)."""
+        fields = ("image_index", "boxes", "points", "labels")
+        return all(
+            (getattr(pa, f) is None and getattr(pb, f) is None) or torch.equal(getattr(pa, f), getattr(pb, f))
+            for f in fields
+        )
+
+    drawn = []
     for _ in range(3):
         pa, _ = a.initial(masks, boxes, valid, SIZE)
         pb, _ = b.initial(masks, boxes, valid, SIZE)
         assert a.rounds() == b.rounds()
-        assert torch.equal(pa.image_index, pb.image_index)
-        assert (pa.boxes is None) == (pb.boxes is None)
+        assert same(pa, pb)
+        drawn.append(pa)
+    assert not all(same(drawn[0], p) for p in drawn[1:]), "the generator moves on between calls"
     state = a.state_dict()
     first = [a.rounds() for _ in range(10)]
+    after = a.initial(masks, boxes, valid, SIZE)[0]
     c = HardPromptSampler(seed=123)
     c.load_state_dict(state)
     assert [c.rounds() for _ in range(10)] == first
+    assert same(c.initial(masks, boxes, valid, SIZE)[0], after), "a restored sampler draws the same prompts"
     assert HardPromptSampler(mode="none").max_rounds == 0
     with pytest.raises(ValueError, match="prompts.mode"):
         HardPromptSampler(mode="random")

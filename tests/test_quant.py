@@ -129,7 +129,16 @@ def test_calibrated_w8a8_toy_student_stays_close_and_reloads(toy_images, tmp_pat
     samples = collect(model, layers, toy_images[:2], points_per_side=2)
     assert len(samples) > 50 and all(s.grads.abs().sum() > 0 for s in samples.values())
     report = calibrate(layers, samples, "hessian", rounds=1, candidates=20)
-    assert sum(r["searched"] for r in report.values()) <= sum(r["minmax"] for r in report.values())
+    # the search must earn something: the summed distance drops by more than 10%, and so does the distance of
+    # the layer with the heaviest outliers (largest max / std of its calibration inputs; 0.81x measured), whose
+    # activation range is clipped below the outlier (min-max takes the outlier as the range)
+    assert sum(r["searched"] for r in report.values()) < 0.9 * sum(r["minmax"] for r in report.values())
+    tails = {
+        n: float(s.inputs.abs().max() / s.inputs.float().std()) for n, s in samples.items() if hasattr(s, "inputs")
+    }
+    heaviest = max(tails, key=tails.get)
+    assert report[heaviest]["searched"] < 0.9 * report[heaviest]["minmax"], (heaviest, report[heaviest])
+    assert layers[heaviest].act_scale < samples[heaviest].inputs.abs().max() / qmax(8), heaviest
     agreement = mask_agreement(Predictor(float_model), Predictor(model), toy_images[2:])
     assert agreement > 0.9, agreement
     save_quantized(model, layers, tmp_path / "q", {"weight_bits": 8, "act_bits": 8, "method": "hessian"})

@@ -33,11 +33,16 @@ FASTER = {
 
 
 def quick_start_commands() -> tuple[str, list[list[str]]]:
-    """The quick start's install command and its ``python ...`` commands, in order, from README.md."""
+    """The quick start's install command and its ``python ...`` commands, in order, from README.md.
+
+    They are the bash blocks from "Quick start" up to "Entry points", less the test command's block.
+    """
     text = (REPO / "README.md").read_text()
-    section = text.split("## Quick start", 1)[1].split("Install and run the tests", 1)[0]
+    section = text.split("## Quick start", 1)[1].split("## Entry points", 1)[0]
     install, commands = None, []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        if '".[dev]"' in block:
+            continue
         for line in block.splitlines():
             for part in line.split("#", 1)[0].split("&&"):
                 words = shlex.split(part.replace("\\", ""))

@@ -21,7 +21,7 @@ from segment_anything.modeling import Sam
 from tinysam.data.layouts import CocoLayout, Sa1bLayout
 from tinysam.loader import load_model
 from tinysam.predictor import Predictor
-from tinysam.runtime import progress
+from tinysam.runtime import markdown_table, progress
 
 SIZE_BUCKETS = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}  # COCO's areas
 
@@ -128,12 +128,10 @@ def table(summary: dict, counts: dict[str, int]) -> str:
     """Markdown table: one row per prompt kind and reference, one column per size bucket."""
     buckets = ["all", *SIZE_BUCKETS]
     head = ["prompt", "vs"] + [f"{b} ({counts.get(b, 0)})" for b in buckets]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for kind, refs in summary.items():
-        for ref, values in refs.items():
-            cells = [f"{values[b]:.3f}" if b in values else "-" for b in buckets]
-            rows.append("| " + " | ".join([kind, ref, *cells]) + " |")
-    return "\n".join(rows)
+    rows = [
+        [kind, ref, *(values.get(b) for b in buckets)] for kind, refs in summary.items() for ref, values in refs.items()
+    ]
+    return markdown_table(head, rows, digits=3)
 
 
 def evaluate(
