@@ -110,7 +110,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 # How far the page's predicted IoU may be from Python's. Float: both sum in float32, 1e-3. INT8: onnxruntime-web's
 # WASM integer kernels and onnxruntime's x86 ones round differently, and on x86 the kernels differ with the CPU:
 # the spread measured on the test's three prompts was 1.8e-3 on an AVX2 EPYC without VNNI (0.7198 in the page
-# against 0.7216) and SPREAD_VNNI on an AVX-512 EPYC with VNNI; the bound is 5e-3, about 2.5x the largest.
+# against 0.7216) and 6.8e-4 on an AVX-512 EPYC with VNNI; the bound, 5e-3, is 2.7x the largest.
 IOU_TOLERANCE = {"float": 1e-3, "server": 1e-3, "int8": 5e-3}
 
 
