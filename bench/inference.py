@@ -8,6 +8,7 @@ max abs difference of its embedding from eager's; for the factored decoder, time
 prompts per chunk (its ``prompt_chunk``).
 
     python bench/inference.py [--runs 5] [--backends eager,eager_channels_last,factored,compile,onnx] [--device cpu|cuda]
+                              [--batches 1,16,64]
     (on cuda, eager and compile also run in bf16 autocast)
 """
 
@@ -56,7 +57,7 @@ def timed(fn, runs: int, device: str) -> float:
     return statistics.median(times)
 
 
-def measure(backend: str, device: str, runs: int, onnx_dir: str, queue) -> None:
+def measure(backend: str, device: str, runs: int, onnx_dir: str, batches: tuple[int, ...], queue) -> None:
     """Time one backend in this (child) process and put its results on ``queue``."""
     from tinysam.predictor import Predictor
 
@@ -78,7 +79,7 @@ def measure(backend: str, device: str, runs: int, onnx_dir: str, queue) -> None:
         features = predictor.backend.encode(x)
         predictor.set_embedding(features.float(), (1024, 1024))
         decoder_s = {}
-        for n in PROMPT_BATCHES:
+        for n in batches:
             boxes = torch.tensor([[100.0, 100.0, 600.0, 700.0]], device=features.device).repeat(n, 1)
             decoder_s[n] = timed(lambda b=boxes: predictor.decode(boxes=b), runs, device)
         chunk_s = {}
@@ -114,6 +115,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--batches", default=",".join(map(str, PROMPT_BATCHES)), help="boxes per decoder call, comma-separated"
+    )
+    parser.add_argument(
         "--backends", default=None, help="default: eager,eager_channels_last,factored,compile,onnx (cpu)"
     )
     args = parser.parse_args()
@@ -123,6 +127,7 @@ def main() -> None:
         else "eager,factored,compile,eager_bf16,compile_bf16"
     )
     backends = (args.backends or default).split(",")
+    batches = tuple(int(n) for n in args.batches.split(","))
     gflop = encoder_gflop()
     peak = matmul_peak(args.device)
     ctx = mp.get_context("spawn")
@@ -136,7 +141,7 @@ def main() -> None:
             export_decoder(model, Path(onnx_dir) / DECODER)
         for backend in backends:
             queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(backend, args.device, args.runs, onnx_dir, queue))
+            proc = ctx.Process(target=measure, args=(backend, args.device, args.runs, onnx_dir, batches, queue))
             proc.start()
             results[backend] = queue.get()
             proc.join()
@@ -148,7 +153,7 @@ def main() -> None:
     )
     head = (
         "| backend | encoder ms | speed-up vs eager | GFLOP/s | % of matmul peak | "
-        + " | ".join(f"decoder ms ({n} boxes)" for n in PROMPT_BATCHES)
+        + " | ".join(f"decoder ms ({n} boxes)" for n in batches)
         + " | peak memory MiB | max abs diff vs eager |"
     )
     print(head)
@@ -161,12 +166,12 @@ def main() -> None:
             f"{rate:.1f}",
             f"{100 * rate / peak:.0f}%",
         ]
-        cells += [f"{1000 * r['decoder_s'][n]:.1f}" for n in PROMPT_BATCHES]
+        cells += [f"{1000 * r['decoder_s'][n]:.1f}" for n in batches]
         cells += [f"{r['memory_mib']:.0f}", f"{r['max_abs_diff']:.1e}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if results.get("factored", {}).get("chunk_s"):
         sweep = ", ".join(f"{c}: {1000 * t:.1f}" for c, t in results["factored"]["chunk_s"].items())
-        print(f"factored decoder, {PROMPT_BATCHES[-1]} boxes, ms per prompt by prompts per chunk: {sweep}")
+        print(f"factored decoder, {batches[-1]} boxes, ms per prompt by prompts per chunk: {sweep}")
     fastest = min((r["encoder_s"], n) for n, r in results.items() if not n.endswith("bf16"))
     print(f"fastest float path: {fastest[1]}, {eager / fastest[0]:.2f}x eager (target >= 2x)")
 

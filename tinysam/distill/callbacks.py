@@ -49,11 +49,14 @@ class ExportStudent(Callback):
 
 
 class DataWaitMonitor(Callback):
-    """Share of training wall time spent waiting for the next batch (logged as ``perf/data_wait_fraction``)."""
+    """Share of training wall time spent waiting for the next batch (logged as ``perf/data_wait_fraction``),
+    and the wall time per batch after the first (compilation, allocator and cache warm-up excluded)."""
 
     def __init__(self) -> None:
         self.wait = 0.0
         self.total = 0.0
+        self.batches = 0
+        self.first = 0.0
         self._batch_end: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -67,7 +70,11 @@ class DataWaitMonitor(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        self.total += now - self._batch_start + (self._batch_start - self._batch_end if self._batch_end else 0.0)
+        took = now - self._batch_start + (self._batch_start - self._batch_end if self._batch_end else 0.0)
+        self.total += took
+        self.batches += 1
+        if self.batches == 1:
+            self.first = took
         self._batch_end = now
         if self.total > 0:
             pl_module.log("perf/data_wait_fraction", self.wait / self.total, batch_size=1)
@@ -75,6 +82,11 @@ class DataWaitMonitor(Callback):
     @property
     def fraction(self) -> float:
         return self.wait / self.total if self.total else 0.0
+
+    @property
+    def seconds_per_batch(self) -> float:
+        """Mean wall time of a batch, data wait included, over the batches after the first (0 with fewer than 2)."""
+        return (self.total - self.first) / (self.batches - 1) if self.batches > 1 else 0.0
 
 
 class StepProgressBar(RichProgressBar):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tinysam.data.embedding_store import EmbeddingStore, StoreError, read_manife
 from tinysam.distill.callbacks import CheckpointOnSigterm, DataWaitMonitor, ExportStudent
 from tinysam.distill.module import VAL_KINDS, DistillModule
 from tinysam.distill.precompute import teacher_store_spec
+from tinysam.io import atomic_write_text
 from tinysam.runtime import markdown_table
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,14 @@ def resolve_ckpt_path(value: str | None, checkpoint_dir: Path) -> str | None:
     return value
 
 
-def metrics_table(metrics: dict[str, float]) -> str:
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process on ``device``: CUDA's peak allocation, or the peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def miou_table(metrics: dict[str, float]) -> str:
     """Markdown table of the held-out mIoUs that validation logged."""
     columns = ("val/{}_miou_gt", "val/{}_miou_teacher", "val/teacher_{}_miou_gt")
     rows = [[kind, *(metrics.get(c.format(kind)) for c in columns)] for kind in VAL_KINDS]
@@ -138,14 +147,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {}
     if datamodule.val_dirs:
         metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    metrics["data_wait_fraction"] = wait.fraction  # a timing: the one number that varies run to run
+    metrics["data_wait_fraction"] = wait.fraction  # timings: the numbers that vary run to run
+    metrics["seconds_per_batch"] = wait.seconds_per_batch
+    metrics["peak_memory_mib"] = peak_memory_mib(trainer.strategy.root_device)
     metrics["global_step"] = trainer.global_step
     metrics["threads"] = torch.get_num_threads()
     if trainer.is_global_zero:
         results = output_dir / "results.json"
-        results.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        atomic_write_text(results, json.dumps(metrics, indent=1, sort_keys=True))
         if datamodule.val_dirs:
-            print(f"\nheld-out mIoU ({cfg.run_name}, step {trainer.global_step}):\n{metrics_table(metrics)}")
+            print(f"\nheld-out mIoU ({cfg.run_name}, step {trainer.global_step}):\n{miou_table(metrics)}")
         else:
             print("\nno held-out mIoU: data.val_dirs is empty; pass data.val_dirs=[DIR] (held-out SA-1B folders)")
         print(f"data-wait fraction: {wait.fraction:.3f}")

@@ -27,6 +27,7 @@ from tinysam.data.coco import CocoFormatError, DetectionSet, image_path, load_co
 from tinysam.data.layouts import CocoLayout
 from tinysam.data.masks import encode_rle
 from tinysam.data.transforms import ImageError, load_image
+from tinysam.io import atomic_write_text
 from tinysam.predictor import Predictor, clip_boxes
 from tinysam.runtime import markdown_table, progress
 
@@ -243,8 +244,8 @@ def evaluate(
         report["bbox"] = score_coco(coco, box_results(detections), iou_type="bbox")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "segm_results.json").write_text(json.dumps(seg.results))
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "segm_results.json", json.dumps(seg.results))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
     skipped = sum(lost.values())
     if skipped > WARN_DROPPED_SHARE * read:
         print(f"warning: {skipped} of {read} detections were not scored ({_reasons(lost)}); see counts in metrics.json")

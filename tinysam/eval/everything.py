@@ -24,6 +24,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images
 from tinysam.eval.coco_instances import metrics_table, score_proposals
 from tinysam.everything import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
+from tinysam.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,6 @@ def annotate(
         print(f"class-agnostic mask AR (%) on {len(scored_ids)} annotated images")
         print(metrics_table(report["proposals"]))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(report, indent=2))
     print(f"wrote {report['images']} SA-1B JSONs to {out_dir} and the report to {Path(output_dir) / 'metrics.json'}")
     return report

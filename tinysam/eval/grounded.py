@@ -121,7 +121,7 @@ def annotate(
         "out": str(out_dir),
     }
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(report, indent=2))
     print(
         f"grounded: {report['masks']} masks of {report['categories']} phrases on {report['images']} images"
         + (f"; skipped {dict(skipped)}" if skipped else "")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from tinysam.data.layouts import CocoLayout, Sa1bLayout
+from tinysam.io import atomic_write_text
 from tinysam.loader import load_model
 from tinysam.predictor import Predictor
 from tinysam.runtime import markdown_table, progress
@@ -171,7 +172,7 @@ def evaluate(
     report = {"miou": summary, "objects": counts, "skipped": dict(+skipped), "multimask": multimask}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
     print(f"prompt mIoU on {counts['all']} objects" + (f", skipped: {dict(+skipped)}" if +skipped else ""))
     print(table(summary, counts))
     print(f"wrote {out / 'metrics.json'}")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
-from tinysam.io import atomic_write
+from tinysam.io import atomic_write, atomic_write_text
 from tinysam.models.checkpoint import CheckpointError
 from tinysam.models.registry import architecture_builders
 from tinysam.quant.fake_quant import QuantLayer, wrap_model
@@ -40,7 +40,7 @@ def save_quantized(model: Sam, layers: dict[str, QuantLayer], out: str | Path, r
         state[f"{name}.weight_q"] = quantize(layer.layer.weight, layer.weight_scale, layer.weight_bits).to(torch.int8)
     info = dict(recipe, format="tinysam-quantized", arch=model.arch, quantized_layers=quantized)
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
-    atomic_write(out / RECIPE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    atomic_write_text(out / RECIPE, json.dumps(info, indent=2))
     return out
 
 
