@@ -110,4 +110,3 @@ def hiding_env(folder: Path, modules: list[str]) -> dict[str, str]:
     """Environment variables under which ``python`` cannot import ``modules``, as if they were not installed."""
     (folder / "sitecustomize.py").write_text(HIDING_GUARD)
     return {"PYTHONPATH": str(folder), "TINYSAM_HIDDEN_MODULES": json.dumps(sorted(modules))}
-

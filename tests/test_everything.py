@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator, build_teacher
+from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator, Predictor, build_teacher
 from tinysam.assets import asset_path
 from tinysam.data.masks import grid_points, pixel_of
 from tinysam.data.toyworld import ToyWorldConfig, generate
@@ -350,7 +350,8 @@ def test_dense_returns_sam_automatic_mask_generator_records_exactly(sam_run, out
 
     model, rgb, sam = sam_run
     convert = {"binary_mask": rle_to_mask, "uncompressed_rle": lambda rle: rle, "coco_rle": coco_encode_rle}
-    ours = DenseMaskGenerator(model, upscale_chunk=5, output_mode=output_mode, **SAM_KWARGS).generate(rgb)
+    ours = DenseMaskGenerator(model, upscale_chunk=5, output_mode=output_mode, backend="eager", **SAM_KWARGS)
+    ours = ours.generate(rgb)
     assert len(ours) == len(sam) > 3
     for a, b in zip(ours, sam):
         assert set(a) == set(b)
@@ -364,11 +365,23 @@ def test_dense_returns_sam_automatic_mask_generator_records_exactly(sam_run, out
 
 def test_onnx_backend_serves_everything_mode_with_the_same_masks(sam_run):
     model, rgb, _ = sam_run
-    eager = DenseMaskGenerator(model, output_mode="coco_rle", **SAM_KWARGS).generate(rgb)
+    eager = DenseMaskGenerator(model, output_mode="coco_rle", backend="eager", **SAM_KWARGS).generate(rgb)
     onnx = DenseMaskGenerator(model, backend="onnx", output_mode="coco_rle", **SAM_KWARGS).generate(rgb)
     assert len(eager) > 3 and abs(len(onnx) - len(eager)) <= 1
     ious = mask_utils.iou([m["segmentation"] for m in eager], [m["segmentation"] for m in onnx], [0] * len(onnx))
     assert (ious.max(axis=1) >= 0.95).mean() >= 0.95 and (ious.max(axis=0) >= 0.95).mean() >= 0.95
+
+
+def test_auto_backend_is_factored_on_the_cpu_and_eager_for_a_decoder_it_cannot_fold(sam_run):
+    from tinysam.backends import EagerBackend, FactoredBackend
+    from tinysam.quant.fake_quant import wrap_model
+
+    model, _, _ = sam_run
+    assert type(DenseMaskGenerator(model).predictor.backend) is FactoredBackend, "the generators' default"
+    assert type(Predictor(model).backend) is EagerBackend, "Predictor's default stays SAM's own decoder"
+    quantized = build_teacher("vit_toy", asset_path("toy_teacher.safetensors"))
+    wrap_model(quantized)
+    assert type(Predictor(quantized, backend="auto").backend) is EagerBackend
 
 
 def test_factored_backend_serves_everything_mode_with_sams_masks(sam_run):
@@ -406,3 +419,35 @@ def test_shipped_stuff_teacher_is_everything_modes_default_and_covers_more_in_ro
             gen.generate(np.asarray(load_image(path)))
             round_two[name] += sum(gen.prompts_per_stage[1:])  # no round 2 when round 1 covers everything
     assert round_two["toy_teacher_stuff"] < 0.9 * round_two["toy_teacher"], round_two  # measured: 1710 vs 2671
+
+
+def test_the_default_command_takes_the_toy_models_thresholds_and_a_real_checkpoint_keeps_sams(tmp_path):
+    """``evaluate.py task=everything`` leaves the two thresholds to the checkpoint: the shipped toy models' JSON
+    names 0.7 / 0.85 (their predicted IoUs run lower than SAM's); a checkpoint without them gets SAM's 0.88 / 0.95;
+    a value on the command line wins."""
+    from helpers import compose_config
+
+    from tinysam.eval.everything import generator_settings
+
+    cfg = compose_config("evaluate", ["task=everything"])
+    assert cfg.task.generator.pred_iou_thresh is None and cfg.task.checkpoint == cfg.checkpoint
+    assert cfg.task.generator.backend == "auto"
+    generator = dict(cfg.task.generator)
+    toy = generator_settings(generator, cfg.checkpoint)
+    assert (toy["pred_iou_thresh"], toy["stability_score_thresh"]) == (0.7, 0.85)
+    official = tmp_path / "sam_vit_b.pth"  # an official checkpoint: no JSON beside it
+    official.write_bytes(b"")
+    real = generator_settings(generator, official)
+    assert (real["pred_iou_thresh"], real["stability_score_thresh"]) == (0.88, 0.95)
+    assert generator_settings(dict(generator, pred_iou_thresh=0.5), cfg.checkpoint)["pred_iou_thresh"] == 0.5
+    assert generator_settings(generator, None)["pred_iou_thresh"] == 0.88
+    report = annotate(
+        build_teacher("vit_toy", asset_path("toy_teacher_stuff.safetensors")),
+        tmp_path / "run",
+        images=str(generate(ToyWorldConfig(out=str(tmp_path / "w"), n_train=0, n_val=1, stuff_regions=4)) / "val"),
+        out=str(tmp_path / "masks"),
+        mode="adaptive",
+        generator={"points_per_side": 16, "pred_iou_thresh": None, "stability_score_thresh": None},
+        checkpoint=cfg.checkpoint,
+    )
+    assert report["thresholds"] == {"pred_iou_thresh": 0.7, "stability_score_thresh": 0.85} and report["masks"] > 0

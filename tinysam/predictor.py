@@ -54,9 +54,10 @@ class Predictor:
 
     def __init__(self, model: Sam, backend: str = "eager", onnx_dir: str | Path | None = None) -> None:
         """``backend``: ``eager``, ``factored`` (eager, the decoder's image-side work shared by all
-        prompts: several times faster for many prompts), ``compile`` (torch.compile) or ``onnx``
-        (onnxruntime on the models in ``onnx_dir``, exported on the spot when not given); outputs
-        agree to float tolerance."""
+        prompts: several times faster for many prompts), ``compile`` (torch.compile), ``onnx``
+        (onnxruntime on the models in ``onnx_dir``, exported on the spot when not given) or ``auto``
+        (:func:`~tinysam.backends.auto_backend`: factored on the CPU); outputs agree to float tolerance,
+        and ``eager`` is bit-identical to ``segment_anything``."""
         self.model = model.eval()
         self.backend = make_backend(backend, self.model, onnx_dir)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)

@@ -25,6 +25,7 @@ from tinysam.data.transforms import list_images
 from tinysam.eval.coco_instances import metrics_table, score_proposals
 from tinysam.everything import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskGenerator
 from tinysam.io import atomic_write_text
+from tinysam.models.checkpoint import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ GENERATORS = {
     "dense": DenseMaskGenerator,
     "adaptive": AdaptiveMaskGenerator,
 }
+SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # SAM's automatic mask generator's
+
+
+def generator_settings(generator: dict[str, Any], checkpoint: str | Path | None) -> dict[str, Any]:
+    """The generator's arguments with each ``None`` filled in: the checkpoint's own value (the ``everything``
+    entry of its JSON sidecar: a model whose predicted IoUs run lower than SAM's names its thresholds there),
+    else SAM's default."""
+    own = read_metadata(checkpoint).get("everything", {}) if checkpoint and Path(checkpoint).is_file() else {}
+    return {key: own.get(key, SAM_THRESHOLDS.get(key)) if value is None else value for key, value in generator.items()}
 
 
 def annotate(
@@ -45,11 +55,13 @@ def annotate(
     annotations: str | None = None,
     toyworld: ToyWorldConfig | None = None,
     generator: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Masks of everything in every image of ``images``, written to ``out``; returns a report.
 
     ``mode`` is ``hierarchical`` (TinySAM), ``dense`` (SAM's grid) or ``adaptive``; ``generator`` holds the
-    generator's keyword arguments; ``toyworld`` generates the toy world first (the default data).
+    generator's keyword arguments (a ``None`` threshold: see :func:`generator_settings`, with ``checkpoint``
+    the model's weights); ``toyworld`` generates the toy world first (the default data).
     """
     if mode not in GENERATORS:
         raise ValueError(f"everything: mode must be one of {sorted(GENERATORS)}, got {mode!r}")
@@ -58,7 +70,14 @@ def annotate(
     files = list_images(images)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gen = GENERATORS[mode](model, **dict(generator or {}, output_mode="coco_rle"))
+    settings = generator_settings(dict(generator or {}), checkpoint)
+    gen = GENERATORS[mode](model, **dict(settings, output_mode="coco_rle"))
+    log.info(
+        "%s: pred_iou_thresh %s, stability_score_thresh %s",
+        mode,
+        settings.get("pred_iou_thresh", SAM_THRESHOLDS["pred_iou_thresh"]),
+        settings.get("stability_score_thresh", SAM_THRESHOLDS["stability_score_thresh"]),
+    )
     coco = load_coco_instances(annotations)[0] if annotations else None
     ids_by_name = {img["file_name"]: img_id for img_id, img in coco.imgs.items()} if coco else {}
     if coco is not None:
@@ -88,6 +107,7 @@ def annotate(
             ]
     report: dict[str, Any] = {
         "mode": mode,
+        "thresholds": {key: settings.get(key, value) for key, value in SAM_THRESHOLDS.items()},
         "images": len(files) - sum(skipped.values()),
         "masks": n_masks,
         "prompts": dict(prompts),

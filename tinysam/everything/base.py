@@ -61,8 +61,9 @@ class MaskGenerator:
         min_mask_region_area: remove holes and islands smaller than this (needs OpenCV, as in SAM).
         output_mode: ``binary_mask``, ``uncompressed_rle`` or ``coco_rle``.
         upscale_chunk: masks upscaled to full resolution at a time (bounds peak memory).
-        backend: the :class:`~tinysam.predictor.Predictor` backend (``eager``, ``factored``, ``compile``,
-            ``onnx``).
+        backend: the :class:`~tinysam.predictor.Predictor` backend: ``auto`` (the default: ``factored`` on
+            the CPU, ``eager`` elsewhere), ``eager`` (bit-identical to SAM's generator), ``factored``,
+            ``compile`` or ``onnx``.
         onnx_dir: for ``onnx``, a folder of exported or quantized (INT8) models.
     """
 
@@ -79,7 +80,7 @@ class MaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         upscale_chunk: int = 16,
-        backend: str = "eager",
+        backend: str = "auto",
         onnx_dir: str | Path | None = None,
     ) -> None:
         check_output_mode(output_mode)
