@@ -46,11 +46,11 @@ from tinysam import AdaptiveMaskGenerator, DenseMaskGenerator, HierarchicalMaskG
 from tinysam.assets import asset_path
 from tinysam.assets import photos as shipped_photos
 from tinysam.data.coco import load_coco_instances
+from tinysam.data.masks import grid_points
 from tinysam.data.toyworld import ToyWorldConfig, generate
 from tinysam.data.transforms import list_images, load_image
 from tinysam.eval.coco_instances import score_proposals
 from tinysam.eval.prompt_miou import iou as mask_ious
-from tinysam.everything.base import grid_points
 from tinysam.loader import load_model
 from tinysam.predictor import Predictor
 from tinysam.quant.run import quantize_model
@@ -130,10 +130,11 @@ class Row:
 def toy_part(args: argparse.Namespace, kwargs: dict) -> None:
     checkpoint = args.checkpoint or asset_path("toy_teacher_stuff.safetensors")
     model = load_model("vit_toy", checkpoint)
+    sam_kwargs, kwargs = kwargs, {**kwargs, "backend": "eager"}  # ours on SAM's decoder unless a row says otherwise
     rows = [
-        Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **kwargs)),
+        Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **sam_kwargs)),
         Row("dense", DenseMaskGenerator(model, **kwargs)),
-        Row("dense, backend=factored", DenseMaskGenerator(model, backend="factored", **kwargs)),
+        Row("dense, backend=factored", DenseMaskGenerator(model, **{**kwargs, "backend": "factored"})),
     ]
     for high in args.high_score_thresh:
         for name, cls in (("hierarchical", HierarchicalMaskGenerator), ("adaptive", AdaptiveMaskGenerator)):
@@ -225,10 +226,13 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
         int8 = quantized_onnx(calibration, weights, Path(tmp))
         rows = [
             Row("SamAutomaticMaskGenerator", SamAutomaticMaskGenerator(model, crop_n_layers=0, **speed_kwargs)),
-            Row("dense", DenseMaskGenerator(model, **speed_kwargs)),
-            Row("dense, backend=factored", DenseMaskGenerator(model, backend="factored", **speed_kwargs)),
-            Row("dense, backend=onnx", DenseMaskGenerator(model, backend="onnx", **speed_kwargs)),
-            Row("dense, backend=onnx, W8A8", DenseMaskGenerator(model, backend="onnx", onnx_dir=int8, **speed_kwargs)),
+            Row("dense", DenseMaskGenerator(model, **{**speed_kwargs, "backend": "eager"})),
+            Row("dense, backend=factored", DenseMaskGenerator(model, **{**speed_kwargs, "backend": "factored"})),
+            Row("dense, backend=onnx", DenseMaskGenerator(model, **{**speed_kwargs, "backend": "onnx"})),
+            Row(
+                "dense, backend=onnx, W8A8",
+                DenseMaskGenerator(model, **{**speed_kwargs, "backend": "onnx", "onnx_dir": int8}),
+            ),
         ]
         matched = {row.name: [0, 0, 0, 0] for row in rows}  # SAM's found by the row, of; the row's found by SAM's, of
         for index, rgb in enumerate(images):
