@@ -3,9 +3,9 @@
 ``load_model(arch, checkpoint)`` takes an official SAM / TinySAM / MobileSAM ``.pth``, one of our
 ``.safetensors`` files, a quantized model folder written by ``quantize.py``, or ``"random"``
 (seeded random weights, for tests and timing). It sits above :mod:`tinysam.models` and
-:mod:`tinysam.quant`, so that neither needs the other. Training builds its models with
-:func:`tinysam.models.build.build_student` / ``build_teacher`` / ``build_model`` instead (the
-configs' ``_target_``), which these names remain as documented aliases of.
+:mod:`tinysam.quant`, so that neither needs the other. Training builds its float models with
+:func:`tinysam.models.build.build_student` / ``build_teacher`` / ``build_model`` (the configs'
+``_target_``); for inference those older names do what ``load_model`` does without quantized folders.
 """
 
 from __future__ import annotations
