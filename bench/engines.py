@@ -1,0 +1,210 @@
+"""Inference engines side by side on this CPU: PyTorch, onnxruntime and OpenVINO, float, BF16 and INT8.
+
+    python bench/engines.py [--runs 5] [--prompts 16] [--no-compile]
+
+One process, the same ``tinyvit_5m`` (the seeded reference weights of ``tests/reference``) and the same
+1024 px photo for every row. The encoder: median of ``--runs`` after two warm-up runs, its GFLOP/s and
+share of this machine's measured fp32 (or int8) matmul peak, and the max abs difference of its embedding
+from eager PyTorch's. The decoder: ms per prompt for ``--prompts`` point prompts a call (SAM's ONNX
+decoder graph, or PyTorch's decoders on the eager embedding) and the IoU of its masks with eager's.
+INT8 is the W8A8 model ``quantize_model`` writes (min-max, calibrated on the other shipped photo): its
+``encoder.onnx`` / ``decoder.onnx`` run in onnxruntime and, read from the same files, in OpenVINO.
+OpenVINO runs when the ``openvino`` package is installed; BF16 rows only where the CPU has ``avx512_bf16``.
+The header names the CPU and its features (AVX2, AVX-512, VNNI, BF16, AMX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tinysam import Predictor, load_model
+from tinysam.assets import photos
+from tinysam.backends import onnx_session
+from tinysam.data.transforms import load_image, model_input
+from tinysam.models.onnx_graphs import DECODER, ENCODER, decoder_feed, export_decoder, export_encoder
+from tinysam.quant.run import quantize_model
+
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "tinysam_vit_t_seed0.safetensors"
+FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_header() -> tuple[str, set[str]]:
+    """The CPU's model name and which of :data:`FEATURES` ``/proc/cpuinfo`` lists."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    return name, {f for f in FEATURES if f in flags}
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peaks(runs: int, n: int = 2048) -> tuple[float, float]:
+    """Measured fp32 and int8 (``torch._int_mm``) matmul throughput, GFLOP/s and GOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    qa, qb = torch.randint(-128, 128, (n, n), dtype=torch.int8), torch.randint(-128, 128, (n, n), dtype=torch.int8)
+    ops = 2 * n**3 / 1e9
+    return ops / median_seconds(lambda: a @ b, runs), ops / median_seconds(lambda: torch._int_mm(qa, qb), runs)
+
+
+def openvino_model(path: Path, precision: str):
+    """``path`` compiled by OpenVINO for the CPU with ``precision`` as its inference precision hint."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=16, help="point prompts per decoder call")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its first call is slow)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    name, features = cpu_header()
+    fp32_peak, int8_peak = peaks(args.runs)
+    try:
+        import openvino  # noqa: F401
+
+        has_openvino = True
+    except ImportError:
+        has_openvino = False
+    bf16 = "avx512_bf16" in features or "amx_bf16" in features
+    model = load_model("tinyvit_5m", REFERENCE)
+    photo, calibration = (load_image(p) for p in photos())
+    x = model_input(model, photo)[None]
+    with FlopCounterMode(display=False) as counter:
+        model.image_encoder(x)
+    gflop = counter.get_total_flops() / 1e9
+
+    eager = Predictor(model)
+    eager.set_image(photo)
+    reference = eager.features
+    h, w = photo.shape[:2]
+    rng = np.random.default_rng(0)
+    points = np.stack([rng.uniform(0, w, args.prompts), rng.uniform(0, h, args.prompts)], 1)[:, None]
+    labels = np.ones((args.prompts, 1), np.int64)
+    _, _, reference_logits = eager.predict(point_coords=points, point_labels=labels)
+    t_points = eager.transform.apply_coords(points, (h, w))
+    feed = decoder_feed(reference.numpy(), t_points, labels, None, None, (256, 256), 256)
+
+    encoders: dict[str, tuple[Callable[[], object], Callable[[], torch.Tensor], str]] = {}
+    decoders: dict[str, Callable[[], np.ndarray]] = {}
+    unreadable: list[str] = []
+
+    def torch_encoder(module: torch.nn.Module, inp: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: module(inp)
+
+    encoders["PyTorch eager"] = (torch_encoder(model.image_encoder, x),) * 2 + ("fp32",)
+    channels_last = load_model("tinyvit_5m", REFERENCE).to(memory_format=torch.channels_last)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    encoders["PyTorch channels-last"] = (torch_encoder(channels_last.image_encoder, xl),) * 2 + ("fp32",)
+    if not args.no_compile:
+        compiled = torch.compile(model.image_encoder, dynamic=False)
+        encoders["PyTorch torch.compile"] = (torch_encoder(compiled, x),) * 2 + ("fp32",)
+    if bf16:
+
+        def autocast_bf16() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model.image_encoder(x).float()
+
+        encoders["PyTorch bf16 autocast"] = (autocast_bf16, autocast_bf16, "bf16")
+
+    for backend in ("eager", "factored"):
+        predictor = Predictor(model, backend=backend)
+        predictor.set_embedding(reference, (h, w))
+        decoders[f"PyTorch {backend}"] = lambda p=predictor: p.predict(point_coords=points, point_labels=labels)[2]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, int8 = Path(tmp) / "float", Path(tmp) / "int8"
+        folder.mkdir()
+        export_encoder(model, folder / ENCODER)
+        export_decoder(model, folder / DECODER)
+        with torch.inference_mode(False), torch.enable_grad():  # calibration needs gradients
+            quantize_model(load_model("tinyvit_5m", REFERENCE), [calibration], int8, method="minmax", points_per_side=2)
+        image = x.numpy()
+        for kind, where in (("fp32", folder), ("int8", int8)):
+            session = onnx_session(where / ENCODER)
+            run = lambda s=session: s.run(None, {"image": image})[0]  # noqa: E731
+            encoders[f"onnxruntime {kind}"] = (run, lambda r=run: torch.from_numpy(r()), kind)
+            decoder = onnx_session(where / DECODER)
+            decoders[f"onnxruntime {kind}"] = lambda d=decoder: d.run(None, feed)[2][:, 1:]
+            if has_openvino:
+                precisions = ["f32"] + (["bf16"] if bf16 and kind == "fp32" else [])
+                for precision in precisions:
+                    label = f"OpenVINO {kind if kind == 'int8' else precision}"
+                    try:
+                        compiled_ov = openvino_model(where / ENCODER, precision)
+                        decoder_ov = openvino_model(where / DECODER, precision)
+                    except Exception as err:  # an operator OpenVINO does not read: said, not fatal
+                        unreadable.append(f"{label}: {' '.join(str(err).split())[:300]}")
+                        continue
+                    run_ov = lambda c=compiled_ov: c({"image": image})[0]  # noqa: E731
+                    precision_name = kind if kind == "int8" else precision
+                    encoders[label] = (run_ov, lambda r=run_ov: torch.from_numpy(np.asarray(r())), precision_name)
+                    decoders[label] = lambda c=decoder_ov: np.asarray(c(feed)[2])[:, 1:]
+
+        print(
+            f"CPU: {name}; features: {', '.join(sorted(features)) or 'none of ' + ', '.join(FEATURES)}; "
+            f"{torch.get_num_threads()} threads; fp32 matmul peak {fp32_peak:.1f} GFLOP/s, int8 {int8_peak:.1f} GOP/s; "
+            f"OpenVINO {'installed' if has_openvino else 'not installed'}"
+        )
+        print(f"tinyvit_5m encoder at 1024 px ({gflop:.1f} GFLOP), median of {args.runs} runs")
+        print(
+            "| engine | precision | encoder ms | speed-up vs eager | GOP/s | % of its matmul peak | max abs diff vs eager |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        eager_s = None
+        for label, (fn, output, precision) in encoders.items():
+            seconds = median_seconds(fn, args.runs)
+            eager_s = eager_s or seconds
+            rate = gflop / seconds
+            peak = int8_peak if precision == "int8" else fp32_peak
+            diff = float((output().float() - reference).abs().max())
+            print(
+                f"| {label} | {precision} | {1000 * seconds:.0f} | {eager_s / seconds:.2f}x | {rate:.1f} "
+                f"| {100 * rate / peak:.0f}% | {diff:.1e} |"
+            )
+        print(f"\nmask decoder, {args.prompts} point prompts a call, on the eager embedding")
+        print("| engine | ms per prompt | speed-up vs eager | mean mask IoU vs eager |")
+        print("|---|---|---|---|")
+        eager_d = None
+        for label, fn in decoders.items():
+            seconds = median_seconds(fn, args.runs) / args.prompts
+            eager_d = eager_d or seconds
+            logits = np.asarray(fn())
+            agreement = np.mean(
+                [mask_iou(a, b) for a, b in zip(logits.reshape(-1, 256, 256), reference_logits.reshape(-1, 256, 256))]
+            )
+            print(f"| {label} | {1000 * seconds:.1f} | {eager_d / seconds:.2f}x | {agreement:.4f} |")
+        for line in unreadable:
+            print(f"not measured: {line}")
+
+
+if __name__ == "__main__":
+    main()
