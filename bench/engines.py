@@ -11,6 +11,11 @@ INT8 is the W8A8 model ``quantize_model`` writes (min-max, calibrated on the oth
 ``encoder.onnx`` / ``decoder.onnx`` run in onnxruntime and, read from the same files, in OpenVINO.
 OpenVINO runs when the ``openvino`` package is installed; BF16 rows only where the CPU has ``avx512_bf16``.
 The header names the CPU and its features (AVX2, AVX-512, VNNI, BF16, AMX).
+
+The accuracy part prices each route in mIoU on the toy world: the shipped distilled toy student's
+encoder run by each engine and precision (INT8: ``quantize_model``, min-max on 4 training images),
+SAM's decoder in PyTorch on its embedding, box and one-click prompts on 16 validation images, mIoU
+against the ground truth and against the float model.
 """
 
 from __future__ import annotations
@@ -71,6 +76,58 @@ def openvino_model(path: Path, precision: str):
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
     return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+def toy_accuracy(has_openvino: bool, bf16: bool, tmp: Path) -> None:
+    """Box and 1-click mIoU (vs GT, vs float) of the toy student with its encoder run by each route."""
+    from tinysam.assets import asset_path
+    from tinysam.data.layouts import CocoLayout
+    from tinysam.data.toyworld import ToyWorldConfig, generate
+    from tinysam.data.transforms import list_images
+    from tinysam.eval.prompt_miou import image_ious
+
+    world = generate(ToyWorldConfig(out=str(tmp / "toy"), n_train=4, n_val=16, seed=0))
+    checkpoint = asset_path("toy_student.safetensors")
+    model = load_model("tinyvit_toy", checkpoint)
+    export_encoder(model, tmp / "toy_float.onnx")
+    with torch.inference_mode(False), torch.enable_grad():
+        calibration = [load_image(p) for p in list_images(world / "train")]
+        quantize_model(load_model("tinyvit_toy", checkpoint), calibration, tmp / "toy_int8", method="minmax")
+
+    def bf16_autocast(x: np.ndarray) -> np.ndarray:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.image_encoder(torch.from_numpy(x)).float().numpy()
+
+    routes: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "PyTorch fp32": lambda x: model.image_encoder(torch.from_numpy(x)).numpy(),
+    }
+    int8_session = onnx_session(tmp / "toy_int8" / ENCODER)
+    routes["onnxruntime int8"] = lambda x: int8_session.run(None, {"image": x})[0]
+    if bf16:
+        routes["PyTorch bf16 autocast"] = bf16_autocast
+    if has_openvino:
+        for precision in ["f32"] + (["bf16"] if bf16 else []):
+            compiled = openvino_model(tmp / "toy_float.onnx", precision)
+            routes[f"OpenVINO {precision}"] = lambda x, c=compiled: np.asarray(c({"image": x})[0])
+    float_predictor, predictor = Predictor(model), Predictor(model)
+    scores: dict[str, dict[str, list[float]]] = {name: {} for name in routes}
+    val = CocoLayout(str(world / "val"), str(world / "val" / "instances.json"))
+    for _, rgb, gt in val.instances({}):
+        float_predictor.set_image(rgb)
+        x = model_input(model, rgb)[None].numpy()
+        for name, encode in routes.items():
+            predictor.set_embedding(torch.from_numpy(encode(x)), rgb.shape[:2])
+            for kind, refs in image_ious(predictor, gt, 1, True, float_predictor).items():
+                scores[name].setdefault(f"{kind} vs GT", []).extend(refs["gt"].tolist())
+                scores[name].setdefault(f"{kind} vs float", []).extend(refs["teacher"].tolist())
+    columns = ["box vs GT", "box vs float", "1_click vs GT", "1_click vs float"]
+    print("\ntoy student (256 px), encoder by route, SAM's decoder in PyTorch; 16 toy validation images")
+    print("| route | " + " | ".join(columns) + " | box vs GT, points lost |")
+    print("|---|" + "---|" * (len(columns) + 1))
+    base = float(np.mean(scores["PyTorch fp32"]["box vs GT"]))
+    for name, values in scores.items():
+        cells = [f"{np.mean(values[c]):.3f}" for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + f" | {100 * (base - np.mean(values['box vs GT'])):+.2f} |")
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -204,6 +261,7 @@ def main() -> None:
             print(f"| {label} | {1000 * seconds:.1f} | {eager_d / seconds:.2f}x | {agreement:.4f} |")
         for line in unreadable:
             print(f"not measured: {line}")
+        toy_accuracy(has_openvino, bf16, Path(tmp))
 
 
 if __name__ == "__main__":
