@@ -284,15 +284,17 @@ def test_calibration_keeps_integer_chains_on_one_grid(toy_images):
     assert layers[act3].in_scale != samples[act3].inputs.abs().max() / qmax(8), "searched, not min-max"
 
 
-def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_path):
+@pytest.mark.parametrize("route", ["u8u8", "auto"])
+def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_path, route):
     """The ONNX encoder runs every linear layer of the encoder as an integer GEMM, and the conv stage
     (patch embedding, MBConv blocks with their residual adds, patch merging) and the neck's
     convolutions in uint8; its embedding is the fake-quant model's with exactly those modules
     enabled, up to the model's own sensitivity to flipping one input level in 0.1% of the pixels (a
-    rounding tie or the int32 bias flips a level, and the flip propagates)."""
+    rounding tie or the int32 bias flips a level, and the flip propagates). ``auto``: the route picked
+    for this CPU on load (int8 weights where it has VNNI), within the same tolerance."""
     import onnx
-    import onnxruntime as ort
 
+    from tinysam.backends import onnx_session
     from tinysam.data.transforms import model_input
     from tinysam.quant.fake_quant import set_enabled
     from tinysam.quant.int8_onnx import export_onnx, integer_layers
@@ -316,7 +318,7 @@ def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_p
     assert ops.count("DequantizeLinear") == 1 + 2
 
     x = model_input(model, toy_images[1])[None]
-    session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    session = onnx_session(tmp_path / "encoder.onnx", route=route)
     onnx_embedding = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
     set_enabled(layers, False)
     torch.manual_seed(0)
@@ -331,6 +333,49 @@ def test_integer_onnx_encoder_is_the_fake_quant_integer_layers(toy_images, tmp_p
     noise = (noisy_embedding - fake_embedding).abs().mean()
     assert (onnx_embedding - fake_embedding).abs().mean() < 1.5 * noise
     assert (onnx_embedding - float_embedding).abs().mean() > 1.5 * noise
+
+
+def test_int8_weights_are_rewritten_signed_on_load_where_the_cpu_has_vnni(toy_images, tmp_path):
+    """The INT8 files keep uint8 weights (exact on any x86 CPU); a session on a CPU with VNNI rewrites them to
+    int8 in memory (the fast uint8 x int8 kernels, exact there) and computes the same embedding."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tinysam.backends import int8_route, onnx_session
+    from tinysam.models.onnx_graphs import signed_int8_weights
+    from tinysam.quant.run import quantize_model
+    from tinysam.runtime import has_vnni
+
+    quantize_model(
+        load_model("tinyvit_toy", asset_path("toy_student.safetensors")),
+        toy_images[:1],
+        tmp_path,
+        method="minmax",
+        points_per_side=2,
+    )
+    graph = onnx.load(str(tmp_path / "encoder.onnx"))
+    integer = [n for n in graph.graph.node if n.op_type in ("MatMulIntegerToFloat", "QLinearConv")]
+    before = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    assert signed_int8_weights(graph) == len(integer) > 10
+    after = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    weight = integer[0].input[1 if integer[0].op_type == "MatMulIntegerToFloat" else 3]
+    assert before[weight].dtype == np.uint8 and after[weight].dtype == np.int8
+    assert np.array_equal(after[weight].astype(np.int16), before[weight].astype(np.int16) - 128)
+    assert signed_int8_weights(graph) == 0, "a rewritten graph has no uint8 weights left"
+    assert int8_route() == ("u8s8" if has_vnni() else "u8u8")
+    x = {"image": np.random.default_rng(0).normal(size=(1, 3, 256, 256)).astype(np.float32)}
+    sessions = {route: onnx_session(tmp_path / "encoder.onnx", route=route) for route in ("u8u8", "u8s8", "auto")}
+    assert {route: s.int8_route for route, s in sessions.items()} == {
+        "u8u8": "u8u8",
+        "u8s8": "u8s8",
+        "auto": int8_route(),
+    }
+    assert onnx_session(tmp_path / "decoder.onnx").int8_route == int8_route()
+    if has_vnni():  # without VNNI the uint8 x int8 kernels saturate: that CPU keeps the uint8 route
+        same = [sessions[r].run(None, x)[0] for r in ("u8u8", "u8s8")]
+        assert np.abs(same[0] - same[1]).max() <= 1e-6
+    with pytest.raises(ValueError, match="INT8 route 'u8s4'"):
+        int8_route("u8s4")
 
 
 def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path):

@@ -8,6 +8,7 @@ mask logits and IoU predictions). Outputs agree with eager PyTorch to float tole
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 from segment_anything.modeling import Sam
 
 from tinysam.models.factored_decoder import FactoredMaskDecoder
+from tinysam.models.onnx_graphs import signed_int8_weights
+from tinysam.runtime import has_vnni
 
 BACKENDS = ("auto", "eager", "factored", "compile", "onnx", "openvino", "openvino_bf16")
 
@@ -88,14 +91,44 @@ class CompiledBackend(EagerBackend):
         self.mask_decoder = torch.compile(model.mask_decoder, dynamic=True)
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session with every graph optimisation on."""
+INT8_ROUTES = ("auto", "u8u8", "u8s8")
+
+
+def int8_route(route: str = "auto") -> str:
+    """The integer kernels an INT8 graph runs on: ``u8s8`` (int8 weights, fast) where the CPU has VNNI and they
+    are exact, else ``u8u8`` (uint8 weights, exact on every x86 CPU). ``TINYSAM_INT8_ROUTE`` overrides ``auto``."""
+    route = os.environ.get("TINYSAM_INT8_ROUTE", route) if route == "auto" else route
+    if route not in INT8_ROUTES:
+        raise ValueError(f"INT8 route {route!r}: choose one of {INT8_ROUTES} (TINYSAM_INT8_ROUTE)")
+    if route == "auto":
+        return "u8s8" if has_vnni() else "u8u8"
+    return route
+
+
+def onnx_session(path: str | Path, threads: int | None = None, route: str = "auto"):
+    """An onnxruntime CPU session with every graph optimisation on.
+
+    An INT8 graph (uint8 weights, as ``quantize.py`` writes them) runs on the route :func:`int8_route` picks
+    for the CPU that loads it: on ``u8s8`` its weights are rewritten to int8 in memory
+    (:func:`~tinysam.models.onnx_graphs.signed_int8_weights`); the file is left as it is, so a folder moves
+    between machines. ``session.int8_route`` says which route it took (``None`` for a float graph).
+    """
+    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(path))
+    source: str | bytes = str(path)
+    taken = None
+    if any(node.op_type in ("MatMulIntegerToFloat", "QLinearConv") for node in graph.graph.node):
+        taken = int8_route(route)
+        if taken == "u8s8" and signed_int8_weights(graph):
+            source = graph.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session.int8_route = taken
+    return session
 
 
 class OnnxBackend:

@@ -1,8 +1,10 @@
-"""Small run-time helpers every layer may use: the device to run on, a progress bar, a markdown table."""
+"""Small run-time helpers every layer may use: the device to run on and its CPU features, a progress bar, a
+markdown table."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -16,6 +18,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def cpu_features() -> set[str]:
+    """The instruction-set flags ``/proc/cpuinfo`` lists for this CPU (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX-512 or AVX), with which onnxruntime's uint8 x int8 kernels are exact."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features())
 
 
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
