@@ -17,7 +17,14 @@ import torch
 from segment_anything.modeling import Sam
 
 from tinysam.models.factored_decoder import FactoredMaskDecoder
-from tinysam.models.onnx_graphs import signed_int8_weights
+from tinysam.models.onnx_graphs import (
+    DECODER,
+    ENCODER,
+    decoder_feed,
+    export_decoder,
+    export_encoder,
+    signed_int8_weights,
+)
 from tinysam.runtime import has_vnni
 
 BACKENDS = ("auto", "eager", "factored", "compile", "onnx", "openvino", "openvino_bf16")
@@ -141,16 +148,12 @@ class OnnxBackend:
         self._load(folder)
 
     def _load(self, folder: Path) -> None:
-        from tinysam.models.onnx_graphs import DECODER, ENCODER
-
         encoder, decoder = onnx_session(folder / ENCODER), onnx_session(folder / DECODER)
         self._run_encoder = lambda images: encoder.run(None, {"image": images})[0]
         self._run_decoder = lambda feed: decoder.run(None, feed)
 
     def _folder(self, model: Sam, onnx_dir: str | Path | None) -> Path:
         """``onnx_dir``, checked, or a temporary folder the model is exported to now."""
-        from tinysam.models.onnx_graphs import DECODER, ENCODER, export_decoder, export_encoder
-
         if onnx_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tinysam-onnx-")
             onnx_dir = Path(self._tmp.name)
@@ -168,8 +171,6 @@ class OnnxBackend:
         return torch.from_numpy(np.asarray(self._run_encoder(images.float().cpu().numpy())))
 
     def decode(self, features, points, labels, boxes, mask_input, multimask_output):
-        from tinysam.models.onnx_graphs import decoder_feed
-
         if points is None and boxes is None:
             raise ValueError("the onnx backend needs a point or box prompt (SAM's ONNX decoder has no mask-only mode)")
 
@@ -199,8 +200,6 @@ class OpenVinoBackend(OnnxBackend):
         super().__init__(model, onnx_dir)
 
     def _load(self, folder: Path) -> None:
-        from tinysam.models.onnx_graphs import DECODER, ENCODER
-
         try:
             import openvino as ov
         except ImportError:
