@@ -3,7 +3,8 @@
     python bench/engines.py [--runs 5] [--prompts 16] [--no-compile]
 
 One process, the same ``tinyvit_5m`` (the seeded reference weights of ``tests/reference``) and the same
-1024 px photo for every row. The encoder: median of ``--runs`` after two warm-up runs, its GFLOP/s and
+1024 px photo for every row, the runs of all rows taken in turns. The encoder: median of ``--runs`` after
+two warm-up runs, its GFLOP/s and
 share of this machine's measured fp32 (or int8) matmul peak, and the max abs difference of its embedding
 from eager PyTorch's. The decoder: ms per prompt for ``--prompts`` point prompts a call (SAM's ONNX
 decoder graph, or PyTorch's decoders on the eager embedding) and the IoU of its masks with eager's.
@@ -52,14 +53,22 @@ def cpu_header() -> tuple[str, set[str]]:
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> float:
-    for _ in range(2):
+    return interleaved({"fn": fn}, runs)["fn"]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median seconds of each function after two warm-up calls, the runs taken in turns (run 1 of every
+    function, then run 2...), so that the drift of a shared machine hits every row alike."""
+    for fn in fns.values():
         fn()
-    times = []
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peaks(runs: int, n: int = 2048) -> tuple[float, float]:
@@ -241,10 +250,10 @@ def main() -> None:
             "| engine | precision | encoder ms | speed-up vs eager | GOP/s | % of its matmul peak | max abs diff vs eager |"
         )
         print("|---|---|---|---|---|---|---|")
-        eager_s = None
-        for label, (fn, output, precision) in encoders.items():
-            seconds = median_seconds(fn, args.runs)
-            eager_s = eager_s or seconds
+        encoder_s = interleaved({label: fn for label, (fn, _, _) in encoders.items()}, args.runs)
+        eager_s = encoder_s["PyTorch eager"]
+        for label, (_, output, precision) in encoders.items():
+            seconds = encoder_s[label]
             rate = gflop / seconds
             peak = int8_peak if precision == "int8" else fp32_peak
             diff = float((output().float() - reference).abs().max())
@@ -255,10 +264,10 @@ def main() -> None:
         print(f"\nmask decoder, {args.prompts} point prompts a call, on the eager embedding")
         print("| engine | ms per prompt | speed-up vs eager | mean mask IoU vs eager |")
         print("|---|---|---|---|")
-        eager_d = None
+        decoder_s = interleaved(decoders, args.runs)
+        eager_d = decoder_s["PyTorch eager"] / args.prompts
         for label, fn in decoders.items():
-            seconds = median_seconds(fn, args.runs) / args.prompts
-            eager_d = eager_d or seconds
+            seconds = decoder_s[label] / args.prompts
             logits = np.asarray(fn())
             agreement = np.mean(
                 [mask_iou(a, b) for a, b in zip(logits.reshape(-1, 256, 256), reference_logits.reshape(-1, 256, 256))]
