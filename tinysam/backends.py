@@ -191,7 +191,7 @@ class OpenVinoBackend(OnnxBackend):
 
     ``precision="bf16"`` runs them in bfloat16 on CPUs with ``avx512_bf16`` or AMX (OpenVINO's inference
     precision hint; elsewhere OpenVINO keeps float32). Measured with ``bench/engines.py``: the 1024 px
-    encoder 1.4x faster than OpenVINO's float32 for no mIoU lost on the toy world. Needs the ``openvino``
+    encoder 1.9x faster than the fastest float engine, for no mIoU lost on the toy world. Needs the ``openvino``
     extra; the INT8 graphs of ``quantize.py`` use operators OpenVINO does not read (use ``onnx``).
     """
 
