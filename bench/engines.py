@@ -22,9 +22,7 @@ against the ground truth and against the float model.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from tinysam.backends import onnx_session
 from tinysam.data.transforms import load_image, model_input
 from tinysam.models.onnx_graphs import DECODER, ENCODER, decoder_feed, export_decoder, export_encoder
 from tinysam.quant.run import quantize_model
-from tinysam.runtime import has_vnni
+from tinysam.runtime import has_vnni, interleaved_medians
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "tinysam_vit_t_seed0.safetensors"
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -53,22 +51,7 @@ def cpu_header() -> tuple[str, set[str]]:
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> float:
-    return interleaved({"fn": fn}, runs)["fn"]
-
-
-def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Median seconds of each function after two warm-up calls, the runs taken in turns (run 1 of every
-    function, then run 2...), so that the drift of a shared machine hits every row alike."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return interleaved_medians({"fn": fn}, runs, warmup=2)["fn"]
 
 
 def peaks(runs: int, n: int = 2048) -> tuple[float, float]:
@@ -250,7 +233,7 @@ def main() -> None:
             "| engine | precision | encoder ms | speed-up vs eager | GOP/s | % of its matmul peak | max abs diff vs eager |"
         )
         print("|---|---|---|---|---|---|---|")
-        encoder_s = interleaved({label: fn for label, (fn, _, _) in encoders.items()}, args.runs)
+        encoder_s = interleaved_medians({label: fn for label, (fn, _, _) in encoders.items()}, args.runs, warmup=2)
         eager_s = encoder_s["PyTorch eager"]
         for label, (_, output, precision) in encoders.items():
             seconds = encoder_s[label]
@@ -264,7 +247,7 @@ def main() -> None:
         print(f"\nmask decoder, {args.prompts} point prompts a call, on the eager embedding")
         print("| engine | ms per prompt | speed-up vs eager | mean mask IoU vs eager |")
         print("|---|---|---|---|")
-        decoder_s = interleaved(decoders, args.runs)
+        decoder_s = interleaved_medians(decoders, args.runs, warmup=2)
         eager_d = decoder_s["PyTorch eager"] / args.prompts
         for label, fn in decoders.items():
             seconds = decoder_s[label] / args.prompts

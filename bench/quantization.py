@@ -19,9 +19,7 @@ drift affects both alike.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from tinysam.eval.prompt_miou import image_ious
 from tinysam.loader import load_model
 from tinysam.models.onnx_graphs import export_encoder
 from tinysam.quant.run import quantize_model
+from tinysam.runtime import interleaved_medians
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
 
@@ -60,19 +59,6 @@ def accuracy(predictors: dict[str, Predictor], reference: Predictor, val: CocoLa
                 scores[name][f"{kind} vs GT"] += refs["gt"].tolist()
                 scores[name][f"{kind} vs float"] += refs["teacher"].tolist()
     return {n: {k: float(np.mean(v)) for k, v in s.items()} for n, s in scores.items()}
-
-
-def latencies(fns: dict, runs: int) -> dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved so that drift hits all alike."""
-    times = defaultdict(list)
-    for fn in fns.values():
-        fn()
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def mib(*paths: Path) -> float:
@@ -123,9 +109,9 @@ def main() -> None:
         quantized("tinyvit_5m", ref, [photo], args.bits, "minmax", args.candidates, tmp / "big")
         x = model_input(big, photo)[None]
         with torch.inference_mode():
-            (eager_s,) = latencies({"eager": lambda: big.image_encoder(x)}, args.runs).values()
+            (eager_s,) = interleaved_medians({"eager": lambda: big.image_encoder(x)}, args.runs).values()
         float_sess, int8_sess = onnx_session(tmp / "float.onnx"), onnx_session(tmp / "big" / "encoder.onnx")
-        ort_s, int8_s = latencies(
+        ort_s, int8_s = interleaved_medians(
             {
                 "float": lambda: float_sess.run(None, {"image": x.numpy()}),
                 "int8": lambda: int8_sess.run(None, {"image": x.numpy()}),
@@ -147,7 +133,7 @@ def main() -> None:
         coords = torch.as_tensor(decoders["eager"].transform.apply_coords(points, (h, w)), dtype=torch.float)
         labels = torch.ones(args.decoder_prompts, 1, dtype=torch.int)
         with torch.inference_mode():
-            decoder_s = latencies(
+            decoder_s = interleaved_medians(
                 {
                     name: lambda p=predictor: p.decode(points=coords, labels=labels, multimask_output=True)
                     for name, predictor in decoders.items()

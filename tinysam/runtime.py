@@ -3,7 +3,9 @@ markdown table."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,6 +39,21 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of a call of each function, after ``warmup`` calls each; the runs are taken in turns (run 1
+    of every function, then run 2...), so that the drift of a shared machine hits every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[float | str | None]], digits: int = 1) -> str:
