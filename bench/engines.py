@@ -36,7 +36,7 @@ from tinysam.backends import onnx_session
 from tinysam.data.transforms import load_image, model_input
 from tinysam.models.onnx_graphs import DECODER, ENCODER, decoder_feed, export_decoder, export_encoder
 from tinysam.quant.run import quantize_model
-from tinysam.runtime import has_vnni, interleaved_medians
+from tinysam.runtime import cpu_features, has_vnni, interleaved_medians
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "tinysam_vit_t_seed0.safetensors"
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -46,8 +46,7 @@ def cpu_header() -> tuple[str, set[str]]:
     """The CPU's model name and which of :data:`FEATURES` ``/proc/cpuinfo`` lists."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-    return name, {f for f in FEATURES if f in flags}
+    return name, set(FEATURES) & cpu_features()
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> float:

@@ -55,8 +55,8 @@ def run(args: list[str], env: dict | None = None, cwd: Path = REPO, timeout: flo
 class Check:
     """The steps' shared settings (sizes by mode) and their results."""
 
-    def __init__(self, device: str, tiny: bool, quick: bool, out: Path) -> None:
-        self.device, self.tiny, self.quick, self.out = device, tiny, quick, out
+    def __init__(self, device: str, tiny: bool, out: Path) -> None:
+        self.device, self.tiny, self.out = device, tiny, out
         self.results: dict[str, dict] = {}
         side = 256 if tiny else 1024
         self.data = [
@@ -238,7 +238,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    check = Check(args.device, args.tiny, args.quick, out)
+    check = Check(args.device, args.tiny, out)
     steps: list[tuple[str, Callable[[Check], str]]] = [
         ("device tests", device_tests),
         ("precompute", precompute),

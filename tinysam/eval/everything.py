@@ -72,12 +72,8 @@ def annotate(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = generator_settings(dict(generator or {}), checkpoint)
     gen = GENERATORS[mode](model, **dict(settings, output_mode="coco_rle"))
-    log.info(
-        "%s: pred_iou_thresh %s, stability_score_thresh %s",
-        mode,
-        settings.get("pred_iou_thresh", SAM_THRESHOLDS["pred_iou_thresh"]),
-        settings.get("stability_score_thresh", SAM_THRESHOLDS["stability_score_thresh"]),
-    )
+    thresholds = {key: settings.get(key, value) for key, value in SAM_THRESHOLDS.items()}
+    log.info("%s: %s", mode, ", ".join(f"{key} {value}" for key, value in thresholds.items()))
     coco = load_coco_instances(annotations)[0] if annotations else None
     ids_by_name = {img["file_name"]: img_id for img_id, img in coco.imgs.items()} if coco else {}
     if coco is not None:
@@ -107,7 +103,7 @@ def annotate(
             ]
     report: dict[str, Any] = {
         "mode": mode,
-        "thresholds": {key: settings.get(key, value) for key, value in SAM_THRESHOLDS.items()},
+        "thresholds": thresholds,
         "images": len(files) - sum(skipped.values()),
         "masks": n_masks,
         "prompts": dict(prompts),
