@@ -284,7 +284,7 @@ def get(server: DemoServer, path: str, method: str = "GET", body: bytes | None =
     connection = http.client.HTTPConnection(host, port, timeout=30)
     connection.request(method, path, body=body)  # sent as given: no client-side normalisation of ".."
     response = connection.getresponse()
-    return response.status, dict(response.getheaders()), response.read()
+    return response.status, response.headers, response.read()  # headers: case-insensitive
 
 
 def test_server_serves_only_its_files_with_isolation_headers(bundles):
