@@ -1,15 +1,13 @@
 // The demo page: open an image, encode it once, then decode clicks and boxes live.
-// Both models run in onnxruntime-web (WebGPU when the browser has an adapter, else threaded WASM);
-// with encoder=server the embedding comes from POST /api/encode. URL options: ?ep=wasm|webgpu&threads=N.
-import { cocoRle, decoderFeed, normalizeAndPad, resizeLongestSide, upscaleLogits } from "./sam.js";
+// The model runs in the page (model.js); URL options: ?ep=wasm|webgpu&threads=N.
+import { BrowserSam, readImage, tint } from "./model.js";
+import { cocoRle } from "./sam.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const VENDOR = new URL("./vendor/onnxruntime-web/", import.meta.url).href;
 const DRAG_PIXELS = 4; // a press that moves further than this (on screen) draws a box
 const COLORS = { mask: [37, 99, 235], positive: "#16a34a", negative: "#dc2626", box: "#f59e0b" };
 
-const info = await (await fetch("/model/info.json")).json();
 const state = {
   image: null, // {name, width, height, bitmap}
   embedding: null, // ort.Tensor (1, C, h, w)
@@ -27,90 +25,20 @@ function message(text, isError = false) {
   $("message").className = isError ? "error" : "";
 }
 
-async function loadRuntime() {
-  const wanted = params.get("ep");
-  let webgpu = false;
-  if (wanted !== "wasm" && "gpu" in navigator) {
-    webgpu = Boolean(await navigator.gpu.requestAdapter().catch(() => null));
-  }
-  const ort = await import(`${VENDOR}${webgpu ? "ort.webgpu.min.mjs" : "ort.wasm.min.mjs"}`);
-  ort.env.wasm.wasmPaths = VENDOR;
-  const threads = Number(params.get("threads") ?? 0); // 0: onnxruntime-web's default
-  ort.env.wasm.numThreads = crossOriginIsolated ? threads : 1;
-  const ep = webgpu ? "webgpu" : "wasm";
-  const note = wanted === "webgpu" && !webgpu ? " (no WebGPU adapter in this browser)" : "";
-  return { ort, ep, threads: ort.env.wasm.numThreads, note };
-}
-
-async function fetchModel(name, label) {
-  const response = await fetch(`/model/${name}`);
-  if (!response.ok) throw new Error(`the server did not send ${name} (${response.status})`);
-  const total = Number(response.headers.get("Content-Length")) || 0;
-  const reader = response.body.getReader();
-  const parts = [];
-  let received = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    parts.push(value);
-    received += value.length;
-    if (total) message(`loading the ${label}: ${Math.round((100 * received) / total)}% of ${(total / 1e6).toFixed(1)} MB`);
-  }
-  const bytes = new Uint8Array(received);
-  let at = 0;
-  for (const part of parts) {
-    bytes.set(part, at);
-    at += part.length;
-  }
-  return bytes;
-}
-
-const runtime = await loadRuntime();
-const { ort } = runtime;
-const options = { executionProviders: [...new Set([runtime.ep, "wasm"])], graphOptimizationLevel: "all" };
-const encoder = info.encoder === "browser" ? await ort.InferenceSession.create(await fetchModel("encoder.onnx", "encoder"), options) : null;
-const decoder = await ort.InferenceSession.create(await fetchModel("decoder.onnx", "decoder"), options);
+const sam = await BrowserSam.load(params, message);
+const { info } = sam;
 $("model").textContent = `${info.name}: ${info.image_size} px input, encoder in the ${info.encoder}`;
-$("runtime").textContent = `onnxruntime-web ${ort.env.versions?.web ?? ""}, ${runtime.ep}, ${runtime.threads || "default"} threads${runtime.note}`;
+$("runtime").textContent = sam.describe();
 message("Open an image to start.");
 
 // ---- image and encoder ----------------------------------------------------------------------
 
-async function readImage(file) {
-  const bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none", imageOrientation: "from-image" });
-  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
-  const context = canvas.getContext("2d", { willReadFrequently: true });
-  context.drawImage(bitmap, 0, 0);
-  const rgba = context.getImageData(0, 0, bitmap.width, bitmap.height).data;
-  const rgb = new Uint8Array(bitmap.width * bitmap.height * 3);
-  for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) {
-    rgb[j] = rgba[i];
-    rgb[j + 1] = rgba[i + 1];
-    rgb[j + 2] = rgba[i + 2];
-  }
-  return { bitmap, rgb };
-}
-
 async function encode(rgb, height, width) {
-  const size = info.image_size;
-  const start = performance.now();
-  message("preprocessing…");
-  const input = normalizeAndPad(resizeLongestSide(rgb, height, width, size), size, info.pixel_mean, info.pixel_std);
-  const preprocessed = performance.now();
   message(`encoding in the ${info.encoder}…`);
-  let embedding;
-  if (encoder) {
-    const out = await encoder.run({ image: new ort.Tensor("float32", input, [1, 3, size, size]) });
-    embedding = out.image_embeddings;
-  } else {
-    const response = await fetch("/api/encode", { method: "POST", body: input });
-    if (!response.ok) throw new Error(`the server could not encode the image: ${(await response.json()).error}`);
-    embedding = new ort.Tensor("float32", new Float32Array(await response.arrayBuffer()), [1, ...info.embedding_shape]);
-  }
-  const done = performance.now();
-  state.timings.preprocess = preprocessed - start;
-  state.timings.encoder = done - preprocessed;
-  $("encoder-time").textContent = `${state.timings.encoder.toFixed(0)} ms (+ ${state.timings.preprocess.toFixed(0)} ms preprocessing)`;
+  const { embedding, preprocess, encoder } = await sam.embed(rgb, height, width);
+  state.timings.preprocess = preprocess;
+  state.timings.encoder = encoder;
+  $("encoder-time").textContent = `${encoder.toFixed(0)} ms (+ ${preprocess.toFixed(0)} ms preprocessing)`;
   return embedding;
 }
 
@@ -154,35 +82,12 @@ function prompts(actions = state.actions) {
   return { points, box };
 }
 
-async function decode(points, box) {
-  const { width, height } = state.image;
-  const feed = decoderFeed(points, box, height, width, info.image_size, info.mask_side);
-  const tensors = { image_embeddings: state.embedding };
-  for (const [name, { data, dims }] of Object.entries(feed)) tensors[name] = new ort.Tensor("float32", data, dims);
-  const start = performance.now();
-  const out = await decoder.run(tensors, ["iou_predictions", "low_res_masks"]);
-  const ms = performance.now() - start;
-  const plane = info.mask_side * info.mask_side;
-  const iou = Array.from(out.iou_predictions.data.slice(1, 4)); // outputs 1-3: the multimask outputs
-  const lowRes = [1, 2, 3].map((k) => out.low_res_masks.data.slice(k * plane, (k + 1) * plane));
-  let chosen = 0;
-  for (let k = 1; k < 3; k++) if (iou[k] > iou[chosen]) chosen = k;
-  return { iou, lowRes, chosen, ms };
+function decode(points, box) {
+  return sam.decode(state.embedding, state.image.height, state.image.width, points, box);
 }
 
 function fullMask(result) {
-  const { width, height } = state.image;
-  const logits = upscaleLogits(result.lowRes[result.chosen], info.mask_side, info.image_size, height, width);
-  const mask = new Uint8Array(width * height);
-  let area = 0;
-  for (let i = 0; i < mask.length; i++) {
-    if (logits[i] > info.mask_threshold) {
-      mask[i] = 1;
-      area++;
-    }
-  }
-  result.mask = mask;
-  result.area = area;
+  Object.assign(result, sam.mask(result.lowRes[result.chosen], state.image.height, state.image.width));
 }
 
 function commit() {
@@ -224,7 +129,7 @@ async function hover(x, y) {
       const result = await decode([...points, point], box);
       const canvas = $("view");
       state.preview = {
-        logits: upscaleLogits(result.lowRes[result.chosen], info.mask_side, info.image_size, state.image.height, state.image.width, canvas.height, canvas.width),
+        logits: sam.logits(result.lowRes[result.chosen], state.image.height, state.image.width, canvas.height, canvas.width),
       };
       render();
     }
@@ -248,17 +153,6 @@ function layout() {
   return canvas;
 }
 
-function tint(values, width, height, test, alpha) {
-  const pixels = new ImageData(width, height);
-  const words = new Uint32Array(pixels.data.buffer);
-  const [r, g, b] = COLORS.mask;
-  const color = new Uint32Array(Uint8ClampedArray.of(r, g, b, alpha).buffer)[0];
-  for (let i = 0; i < width * height; i++) if (test(values[i])) words[i] = color;
-  const layer = new OffscreenCanvas(width, height);
-  layer.getContext("2d").putImageData(pixels, 0, 0);
-  return layer;
-}
-
 let maskLayer = null; // the committed mask drawn once at full size, reused while it is current
 function render() {
   const canvas = layout();
@@ -272,10 +166,10 @@ function render() {
   context.drawImage(state.image.bitmap, 0, 0, canvas.width, canvas.height);
   const { width, height } = state.image;
   if (state.preview) {
-    context.drawImage(tint(state.preview.logits, canvas.width, canvas.height, (v) => v > info.mask_threshold, 90), 0, 0);
+    context.drawImage(tint(state.preview.logits, canvas.width, canvas.height, (v) => v > info.mask_threshold, [...COLORS.mask, 90]), 0, 0);
   } else if (state.result) {
     if (maskLayer?.result !== state.result || maskLayer.chosen !== state.result.chosen) {
-      maskLayer = { result: state.result, chosen: state.result.chosen, layer: tint(state.result.mask, width, height, (v) => v, 130) };
+      maskLayer = { result: state.result, chosen: state.result.chosen, layer: tint(state.result.mask, width, height, (v) => v, [...COLORS.mask, 130]) };
     }
     context.drawImage(maskLayer.layer, 0, 0, canvas.width, canvas.height);
   }
@@ -440,7 +334,7 @@ $("download-png").addEventListener("click", async () => {
 
 window.demo = {
   info,
-  runtime: { ep: runtime.ep, threads: runtime.threads },
+  runtime: { ep: sam.runtime.ep, threads: sam.runtime.threads },
   state,
   /** Resolves once every queued image load and decode has finished. */
   idle: async () => {
@@ -453,18 +347,7 @@ window.demo = {
   /** The current mask as the downloadable record (COCO RLE), or null. */
   record: () => (state.result ? record() : null),
   /** Milliseconds of `runs` encoder runs on the current image's input, after one warm-up run. */
-  timeEncoder: async (runs) => {
-    const size = info.image_size;
-    const input = new ort.Tensor("float32", new Float32Array(3 * size * size), [1, 3, size, size]);
-    await encoder.run({ image: input });
-    const times = [];
-    for (let i = 0; i < runs; i++) {
-      const start = performance.now();
-      await encoder.run({ image: input });
-      times.push(performance.now() - start);
-    }
-    return times;
-  },
+  timeEncoder: (runs) => sam.timeEncoder(runs),
   /** Milliseconds of `runs` decoder runs on the current prompts. */
   timeDecoder: async (runs) => {
     const { points, box } = prompts();

@@ -215,3 +215,33 @@ export function cocoRle(mask, h, w) {
   }
   return { size: [h, w], counts: s };
 }
+
+/** pycocotools' compressed RLE {size: [h, w], counts: string} as a 0/1 mask (row-major, h x w): cocoRle's inverse. */
+export function decodeRle(rle) {
+  const [h, w] = rle.size;
+  const s = rle.counts;
+  const counts = [];
+  for (let p = 0; p < s.length; ) {
+    let x = 0;
+    let k = 0;
+    let more = true;
+    while (more) {
+      const c = s.charCodeAt(p++) - 48;
+      x |= (c & 0x1f) << (5 * k);
+      more = Boolean(c & 0x20);
+      k++;
+      if (!more && c & 0x10) x |= -1 << (5 * k);
+    }
+    if (counts.length > 2) x += counts[counts.length - 2];
+    counts.push(x);
+  }
+  const mask = new Uint8Array(h * w);
+  let at = 0; // position in column-major order
+  counts.forEach((run, i) => {
+    if (i % 2) {
+      for (let j = at; j < at + run; j++) mask[(j % h) * w + Math.floor(j / h)] = 1;
+    }
+    at += run;
+  });
+  return mask;
+}
