@@ -10,7 +10,6 @@ import base64
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,25 +27,6 @@ from tinysam.demo import DemoServer, prepare
 from tinysam.loader import load_model
 
 STUDENT = asset_path("toy_student.safetensors")
-
-
-def chromium_path() -> str:
-    """The system Chromium (``TINYSAM_CHROMIUM`` or on PATH); a clear failure, never a skip, without it."""
-    path = os.environ.get("TINYSAM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail("the demo tests need Chromium: apt-get install chromium (or set TINYSAM_CHROMIUM=/path/to/it)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium refuses to sandbox as root
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=args)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import logging
 import threading
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,7 +28,7 @@ from tinysam.annotate.propose import Proposer
 from tinysam.annotate.store import AnnotationError, AnnotationStore, ConflictError
 from tinysam.data.transforms import ImageError, load_image
 from tinysam.demo.bundle import Bundle
-from tinysam.demo.server import LocalServer, ModelRoutes, error, file_response, read_body
+from tinysam.demo.server import LocalServer, ModelRoutes, error, file_response, read_body, web_app
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 << 20  # a save of ~1000 full-HD masks; ``max_request_mb=`` changes it
@@ -89,7 +88,7 @@ class AnnotateServer(LocalServer):
             Route("/api/propose/{stem}", self.propose, methods=["POST"]),
             Route("/api/propose-all", self.propose_all, methods=["GET", "POST"]),
         ]
-        super().__init__(Starlette(routes=routes + self.model.routes()), host, port)
+        super().__init__(web_app(routes + self.model.routes()), host, port)
 
     def _stem(self, request: Request) -> str:
         stem = request.path_params["stem"]

@@ -64,10 +64,11 @@ def image_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """(H, W) of an image as the page shows it (EXIF orientation applied), or why it cannot be read."""
     try:
         with Image.open(path) as im:
+            im.verify()  # the file's structure (and a PNG's checksums)
+        with Image.open(path) as im:
             w, h = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn
                 w, h = h, w
-            im.verify()
         return (h, w), None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         return None, f"unreadable image: {path.name} ({type(err).__name__}: {err}); re-export or remove it"

@@ -280,9 +280,11 @@ class SA1BDataset(Dataset):
 
     @staticmethod
     def _point(annotation: dict, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-        coords = annotation.get("point_coords")
-        if coords:
-            return float(coords[0][0]), float(coords[0][1])
+        coords = annotation.get("point_coords") or []
+        labels = annotation.get("point_labels") or [1] * len(coords)
+        positive = [xy for xy, label in zip(coords, labels) if label == 1]  # the first click on the object
+        if positive:
+            return float(positive[0][0]), float(positive[0][1])
         ys, xs = np.nonzero(mask)
         if not len(xs):
             raise BadSample(f"no usable mask: annotation {annotation.get('id')} is empty")

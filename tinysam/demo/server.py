@@ -138,29 +138,27 @@ class ModelRoutes:
 
 
 def isolated(app: Any) -> Any:
-    """``app`` with the COOP/COEP headers on every response and :class:`RequestError` turned into its status."""
+    """``app`` with the COOP/COEP headers on every response."""
 
     async def wrapped(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        started = False
-
         async def send_isolated(message: dict) -> None:
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.decode().lower() not in _LOWER]
                 message = dict(message, headers=headers + [(k.encode(), v.encode()) for k, v in ISOLATION.items()])
             await send(message)
 
-        try:
-            await app(scope, receive, send_isolated)
-        except RequestError as err:
-            if started:
-                raise
-            await error(err.status, str(err))(scope, receive, send_isolated)
+        await app(scope, receive, send_isolated if scope["type"] == "http" else send)
 
     return wrapped
+
+
+def web_app(routes: list[Route]) -> Starlette:
+    """A Starlette app of ``routes`` that answers a :class:`RequestError` with its status and message."""
+
+    async def refused(request: Request, err: Exception) -> Response:
+        return error(getattr(err, "status", 400), str(err))
+
+    return Starlette(routes=routes, exception_handlers={RequestError: refused})
 
 
 _LOWER = {key.lower() for key in ISOLATION}
@@ -223,4 +221,4 @@ class DemoServer(LocalServer):
     def __init__(self, bundle: Bundle, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.model = ModelRoutes(bundle)
         self.bundle, self.table = bundle, self.model.table
-        super().__init__(Starlette(routes=self.model.routes()), host, port)
+        super().__init__(web_app(self.model.routes()), host, port)

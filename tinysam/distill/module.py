@@ -69,6 +69,7 @@ class DistillModule(L.LightningModule):
         self.train_encoder, self.train_decoder = train_encoder, train_decoder
         self.image_log_every = image_log_every
         self.image_size = int(student.image_encoder.img_size)
+        self.read = {"images": 0, "masks": 0}  # what training batches held since this process started
         if teacher is not None and init_decoder_from_teacher:
             student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
             student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
@@ -123,6 +124,8 @@ class DistillModule(L.LightningModule):
         if "image" not in batch:  # every sample of the batch was skipped
             return None
         images, masks, boxes, valid = batch["image"], batch["masks"], batch["boxes"], batch["valid"]
+        self.read["images"] += len(images)
+        self.read["masks"] += int(valid.sum())
         teacher_emb = batch.get("teacher_embedding")
         student_emb = self._student_embedding(images)
         prompts, gt = self.sampler.initial(masks, boxes, valid, self.image_size)

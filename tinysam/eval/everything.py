@@ -94,7 +94,8 @@ def annotate(
         n_masks += len(masks)
         image_id = ids_by_name.get(path.name, index)
         picture = png_bytes(overlay(rgb, [decode_rle(m["segmentation"]) for m in masks])) if overlays else None
-        write_sa1b(out_dir, sa1b_record(path.name, image_id, rgb.shape[:2], masks), overlay_png=picture)
+        auto = [dict(m, source="auto") for m in masks]  # the annotator's folder format: made by a generator
+        write_sa1b(out_dir, sa1b_record(path.name, image_id, rgb.shape[:2], auto), overlay_png=picture)
         if path.name in ids_by_name:
             scored_ids.append(image_id)
             results += [
