@@ -360,7 +360,8 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(browser, bundle, 
             assert page.evaluate("window.annotator.objects()") == objects  # exactly what was saved
         # semi-automatic: propose on a third image, delete one proposal, add one object, save
         open_image(page, "toy_2")
-        page.fill("#pred-iou", "0.7")
+        assert page.input_value("#pred-iou") == "0.7" and page.input_value("#stability") == "0.85"  # the model's own
+        page.fill("#stability", "0.7")  # the toy student's stability runs low: 0 proposals here at 0.85
         page.click("#propose")
         page.evaluate("window.annotator.idle()")
         proposed = page.evaluate("window.annotator.objects()")
