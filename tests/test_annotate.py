@@ -374,6 +374,7 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(browser, bundle, 
         click(page, *target.point)
         page.click("#save")
         page.evaluate("window.annotator.idle()")
+        page.screenshot(path=str(tmp_path / "annotate_proposals.png"))
         saved = store.read("toy_2")["objects"]
         assert len(saved) == len(proposed) and [o["source"] for o in saved] == ["auto"] * (len(proposed) - 1) + ["manual"]
         assert page.errors == []

@@ -1,7 +1,7 @@
 """The package's layers point one way: no module imports a higher layer, inside functions included.
 
 base (version, io, config, runtime, assets) <- models <- data <- predictor/backends
-<- everything/grounded/quant <- loader <- eval/distill <- export <- demo, the package's front door
+<- everything/grounded/quant <- loader <- eval/distill <- export <- demo, the package's front door <- annotate
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ LAYERS = [
     ("tinysam.eval", "tinysam.distill"),
     ("tinysam.export",),
     ("tinysam.demo", "tinysam"),
+    ("tinysam.annotate",),  # the data engine: the demo's server, the generators, the loader and the folder
 ]
 # units of one layer that may use each other: the base helpers, and the predictor with its backends
 SAME_LAYER_OK = {0, 3}
