@@ -11,7 +11,8 @@ validation images with the shipped distilled toy student:
    ``--pred-iou-thresh`` / ``--stability-score-thresh``); a proposal matching an object at the target is
    kept as it is, one covering it at IoU >= 0.5 is corrected with clicks from its own prompt, the rest are deleted;
 3. **after one round of fine-tuning**: the same annotator first annotates ``--images`` toy-world *training*
-   images the second way, saving them through the annotation store (the folder the page writes), then
+   images the second way, saving the objects that reached the target through the annotation store (the
+   folder the page writes; an image whose objects all fall short is saved empty and skipped by training), then
    ``python train.py experiment=finetune_masks`` fine-tunes the student on that folder for ``--steps`` steps;
    the held-out validation images are annotated the second way with the fine-tuned student.
 
@@ -127,9 +128,13 @@ def main() -> None:
             Image.fromarray(toy.image).save(images / f"train_{i}.png")
         store = AnnotationStore(images, out)
         results = annotate(model, first_round, proposer, args)
-        for i, result in enumerate(results):
-            store.save(f"train_{i}", [o.saved() for o in result.objects], version="", state="done")
-        print(f"round 1: {sum(len(r.objects) for r in results)} objects on {len(results)} images saved to the folder")
+        saved = 0
+        for i, result in enumerate(results):  # an object left below the target is not saved as a label
+            objects = [o.saved() for o in result.objects if o.iou >= args.target]
+            store.save(f"train_{i}", objects, version="", state="done")
+            saved += len(objects)
+        print(f"round 1: {saved} of {sum(len(r.objects) for r in results)} objects reached IoU >= {args.target} "
+              f"on {len(results)} images and were saved to the folder")
         tuned = load_model("tinyvit_toy", fine_tune(out, work, args))
         rows.append(summary("proposals + clicks, fine-tuned once", annotate(tuned, held_out, Proposer(tuned, thresholds), args), args.target))
     header = ["way", "clicks per object", f"objects at IoU >= {args.target} (%)", "mean IoU", "proposals kept as they are",

@@ -362,12 +362,14 @@ def test_int8_weights_are_rewritten_signed_on_load_where_the_cpu_has_vnni(toy_im
     assert before[weight].dtype == np.uint8 and after[weight].dtype == np.int8
     assert np.array_equal(after[weight].astype(np.int16), before[weight].astype(np.int16) - 128)
     assert signed_int8_weights(graph) == 0, "a rewritten graph has no uint8 weights left"
-    assert int8_route() == ("u8s8" if has_vnni() else "u8u8")
+    assert int8_route() == ("u8s8" if has_vnni() else "u8s7")
     x = {"image": np.random.default_rng(0).normal(size=(1, 3, 256, 256)).astype(np.float32)}
-    sessions = {route: onnx_session(tmp_path / "encoder.onnx", route=route) for route in ("u8u8", "u8s8", "auto")}
+    routes = ("u8u8", "u8s8", "u8s7", "auto")
+    sessions = {route: onnx_session(tmp_path / "encoder.onnx", route=route) for route in routes}
     assert {route: s.int8_route for route, s in sessions.items()} == {
         "u8u8": "u8u8",
         "u8s8": "u8s8",
+        "u8s7": "u8s7",
         "auto": int8_route(),
     }
     assert onnx_session(tmp_path / "decoder.onnx").int8_route == int8_route()
@@ -376,6 +378,65 @@ def test_int8_weights_are_rewritten_signed_on_load_where_the_cpu_has_vnni(toy_im
         assert np.abs(same[0] - same[1]).max() <= 1e-6
     with pytest.raises(ValueError, match="INT8 route 'u8s4'"):
         int8_route("u8s4")
+
+
+def test_seven_bit_route_cannot_saturate_and_keeps_the_masks(toy_images, tmp_path):
+    """u8s7 (CPUs without VNNI): weights halved into [-64, 63] with doubled scales (and a QLinearConv's int32 bias
+    halved), so the u8s8 kernels' int16 pair sums cannot overflow; its masks stay the 8-bit model's."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tinysam.backends import onnx_session
+    from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
+    from tinysam.data.transforms import model_input
+    from tinysam.models.onnx_graphs import signed_int8_weights
+    from tinysam.predictor import Predictor
+    from tinysam.quant.run import quantize_model
+
+    quantize_model(
+        load_model("tinyvit_toy", asset_path("toy_student.safetensors")), toy_images[:1], tmp_path, method="minmax",
+        points_per_side=2,
+    )
+    graph = onnx.load(str(tmp_path / "encoder.onnx"))
+    before = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    assert signed_int8_weights(graph, bits=7) > 10
+    after = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    conv = next(n for n in graph.graph.node if n.op_type == "QLinearConv" and len(n.input) > 8)
+    weight, scale, bias = conv.input[3], conv.input[4], conv.input[8]
+    assert after[weight].dtype == np.int8 and -64 <= after[weight].min() and after[weight].max() <= 63
+    assert np.abs(after[weight] * 2 - (before[weight].astype(np.int16) - 128)).max() <= 1
+    assert np.array_equal(after[scale], before[scale] * np.float32(2))
+    assert np.abs(after[bias] * 2 - before[bias]).max() <= 1
+    assert 2 * 255 * 64 <= np.iinfo(np.int16).max  # a pair of uint8 x int7 products fits the kernels' int16 sum
+    assert onnx_session(tmp_path / "encoder.onnx", route="u8s7").int8_route == "u8s7"
+    # the rounding to 7 bits moves the embedding (1.8x as far from the fake-quant model's as the exact 8-bit route,
+    # measured): not within the 8-bit route's tolerance, but the objects' masks stay the model's
+    fake = load_model("tinyvit_toy", tmp_path)
+    float_model = load_model("tinyvit_toy", asset_path("toy_student.safetensors"))
+    toy = generate_image(image_rng(0, "val", 1), ToyWorldConfig(out="unused"))  # an image with its objects
+    x = model_input(fake, toy.image)[None]
+    with torch.no_grad():
+        reference, unquantized = fake.image_encoder(x).numpy(), float_model.image_encoder(x).numpy()
+    seven = onnx_session(tmp_path / "encoder.onnx", route="u8s7").run(None, {"image": x.numpy()})[0]
+    exact = onnx_session(tmp_path / "encoder.onnx", route="u8u8").run(None, {"image": x.numpy()})[0]
+    predictor = Predictor(fake)
+    points = np.array([[t.point] for t in toy.instances])
+    masks = {}
+    for name, embedding in (("fake", reference), ("u8s7", seven), ("u8u8", exact), ("float", unquantized)):
+        predictor.set_embedding(torch.from_numpy(embedding), toy.image.shape[:2])
+        masks[name] = predictor.predict(point_coords=points, point_labels=np.ones((len(points), 1)))[0][:, 0]
+    ious = {k: np.mean([(a & b).sum() / (a | b).sum() for a, b in zip(masks[k], masks["fake"])]) for k in masks}
+    # 8-bit weights rounded to 7 bits on load move the masks about as far from the fake-quant model's as the float
+    # model's are (measured 0.913 and 0.917; the exact route 0.948); bench/engines.py prices it in mIoU
+    assert ious["u8s7"] >= ious["float"] - 0.03 and ious["u8s7"] >= 0.85, ious
+    # quantized with 7-bit weights, the folder needs no rounding: the u8s7 route computes the u8u8 one exactly
+    seven_bit = tmp_path / "w7"
+    quantize_model(
+        load_model("tinyvit_toy", asset_path("toy_student.safetensors")), toy_images[:1], seven_bit, weight_bits=7,
+        method="minmax", points_per_side=2,
+    )
+    runs = [onnx_session(seven_bit / "encoder.onnx", route=r).run(None, {"image": x.numpy()})[0] for r in ("u8u8", "u8s7")]
+    assert np.abs(runs[0] - runs[1]).max() <= 1e-6
 
 
 def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path):

@@ -98,17 +98,19 @@ class CompiledBackend(EagerBackend):
         self.mask_decoder = torch.compile(model.mask_decoder, dynamic=True)
 
 
-INT8_ROUTES = ("auto", "u8u8", "u8s8")
+INT8_ROUTES = ("auto", "u8u8", "u8s8", "u8s7")
 
 
 def int8_route(route: str = "auto") -> str:
     """The integer kernels an INT8 graph runs on: ``u8s8`` (int8 weights, fast) where the CPU has VNNI and they
-    are exact, else ``u8u8`` (uint8 weights, exact on every x86 CPU). ``TINYSAM_INT8_ROUTE`` overrides ``auto``."""
+    are exact, else ``u8s7`` (the same fast kernels on weights rounded to 7 bits, which cannot saturate them).
+    ``u8u8`` (uint8 weights, exact on every x86 CPU, slow) is there to ask for. ``TINYSAM_INT8_ROUTE``
+    overrides ``auto``."""
     route = os.environ.get("TINYSAM_INT8_ROUTE", route) if route == "auto" else route
     if route not in INT8_ROUTES:
         raise ValueError(f"INT8 route {route!r}: choose one of {INT8_ROUTES} (TINYSAM_INT8_ROUTE)")
     if route == "auto":
-        return "u8s8" if has_vnni() else "u8u8"
+        return "u8s8" if has_vnni() else "u8s7"
     return route
 
 
@@ -116,9 +118,9 @@ def onnx_session(path: str | Path, threads: int | None = None, route: str = "aut
     """An onnxruntime CPU session with every graph optimisation on.
 
     An INT8 graph (uint8 weights, as ``quantize.py`` writes them) runs on the route :func:`int8_route` picks
-    for the CPU that loads it: on ``u8s8`` its weights are rewritten to int8 in memory
-    (:func:`~tinysam.models.onnx_graphs.signed_int8_weights`); the file is left as it is, so a folder moves
-    between machines. ``session.int8_route`` says which route it took (``None`` for a float graph).
+    for the CPU that loads it: on ``u8s8`` its weights are rewritten to int8 in memory, on ``u8s7`` to 7-bit
+    levels (:func:`~tinysam.models.onnx_graphs.signed_int8_weights`); the file is left as it is, so a folder
+    moves between machines. ``session.int8_route`` says which route it took (``None`` for a float graph).
     """
     import onnx
     import onnxruntime as ort
@@ -131,7 +133,7 @@ def onnx_session(path: str | Path, threads: int | None = None, route: str = "aut
     taken = None
     if any(node.op_type in ("MatMulIntegerToFloat", "QLinearConv") for node in graph.graph.node):
         taken = int8_route(route)
-        if taken == "u8s8" and signed_int8_weights(graph):
+        if taken != "u8u8" and signed_int8_weights(graph, bits=7 if taken == "u8s7" else 8):
             source = graph.SerializeToString()
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     session.int8_route = taken

@@ -42,7 +42,7 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, inputs, outpu
         )
 
 
-def signed_int8_weights(graph_model) -> int:
+def signed_int8_weights(graph_model, bits: int = 8) -> int:
     """Rewrite, in place, the integer layers' uint8 weights (zero point 128) as int8 (zero point 0); the count.
 
     The INT8 graphs store weight levels shifted by 128 as uint8: onnxruntime computes uint8 x uint8
@@ -51,22 +51,45 @@ def signed_int8_weights(graph_model) -> int:
     graph computes the same numbers faster. The layers are found by structure: the weight (and its zero
     point) of every ``MatMulIntegerToFloat`` and ``QLinearConv`` stored as uint8 initializers with zero
     point 128.
+
+    ``bits=7`` makes every layer's levels fit [-64, 63], so that a pair of uint8 x int7 products, at most
+    2 x 255 x 64 = 32640, fits int16 and the u8s8 kernels cannot saturate on any x86 CPU. A layer quantized
+    with 7-bit weights (``quantize.py weight_bits=7``, onnxruntime's ``reduce_range``) already fits and is
+    computed exactly; an 8-bit layer has its levels halved (rounded to even), its scales doubled and a
+    ``QLinearConv``'s int32 bias (whose scale is the input's times the weight's) halved, at the price of
+    one bit of weight precision.
     """
     from onnx import numpy_helper
 
+    if bits not in (7, 8):
+        raise ValueError(f"signed_int8_weights: bits must be 7 or 8, got {bits}")
     initializers = {init.name: init for init in graph_model.graph.initializer}
-    weight_inputs = {"MatMulIntegerToFloat": (1, 5), "QLinearConv": (3, 5)}  # (weight, its zero point)
-    rewritten = 0
+    # (weight, its zero point, its scale, the int32 bias or None)
+    weight_inputs = {"MatMulIntegerToFloat": (1, 5, 3, None), "QLinearConv": (3, 5, 4, 8)}
+    rewritten, rescaled = 0, set()  # a scale or bias shared by layers is rewritten once
     for node in graph_model.graph.node:
         if node.op_type not in weight_inputs:
             continue
-        weight, zero_point = (initializers.get(node.input[i]) for i in weight_inputs[node.op_type])
+        w_at, zero_at, scale_at, bias_at = weight_inputs[node.op_type]
+        weight, zero_point = initializers.get(node.input[w_at]), initializers.get(node.input[zero_at])
         if weight is None or zero_point is None:
             continue
         levels, zeros = numpy_helper.to_array(weight), numpy_helper.to_array(zero_point)
         if levels.dtype != np.uint8 or not (zeros == 128).all():
             continue
-        weight.CopyFrom(numpy_helper.from_array((levels.astype(np.int16) - 128).astype(np.int8), weight.name))
+        signed = levels.astype(np.int16) - 128
+        if bits == 7 and (signed.min() < -64 or signed.max() > 63):  # 7-bit levels (quantize.py weight_bits=7) stay
+            signed = np.clip(np.round(signed / 2), -64, 63).astype(np.int16)
+            scale = initializers[node.input[scale_at]]
+            if scale.name not in rescaled:
+                scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(2), scale.name))
+                rescaled.add(scale.name)
+            bias = initializers.get(node.input[bias_at]) if bias_at is not None and len(node.input) > bias_at else None
+            if bias is not None and bias.name not in rescaled:
+                halved = np.round(numpy_helper.to_array(bias).astype(np.float64) / 2).astype(np.int32)
+                bias.CopyFrom(numpy_helper.from_array(halved, bias.name))
+                rescaled.add(bias.name)
+        weight.CopyFrom(numpy_helper.from_array(signed.astype(np.int8), weight.name))
         zero_point.CopyFrom(numpy_helper.from_array(np.zeros(zeros.shape, np.int8), zero_point.name))
         rewritten += 1
     return rewritten
