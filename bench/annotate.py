@@ -81,19 +81,35 @@ def summary(way: str, results: list[AnnotatedImage], target: float) -> list:
 def fine_tune(folder: Path, work: Path, args) -> Path:
     """``train.py experiment=finetune_masks`` on the annotated folder; returns the new student."""
     command = [
-        sys.executable, str(REPO / "train.py"), "experiment=finetune_masks", "student=tinyvit_toy",
-        f"student.checkpoint={STUDENT}", f"data.train_dirs=[{folder}]", "data.image_size=256", "data.batch_size=4",
-        "data.num_workers=0", "data.min_mask_area=0", f"trainer.max_steps={args.steps}", "module.warmup_steps=10",
-        f"module.lr={args.lr}", "module.image_log_every=0", "logger=csv", "~callbacks.progress_bar",
-        f"paths.root_dir={work}", "run_name=annotated", f"seed={args.seed}",
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=finetune_masks",
+        "student=tinyvit_toy",
+        f"student.checkpoint={STUDENT}",
+        f"data.train_dirs=[{folder}]",
+        "data.image_size=256",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.min_mask_area=0",
+        f"trainer.max_steps={args.steps}",
+        "module.warmup_steps=10",
+        f"module.lr={args.lr}",
+        "module.image_log_every=0",
+        "logger=csv",
+        "~callbacks.progress_bar",
+        f"paths.root_dir={work}",
+        "run_name=annotated",
+        f"seed={args.seed}",
     ]
-    proc = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"fine-tuning failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     [student] = list(work.rglob("checkpoints/student.safetensors"))
     metrics = json.loads(next(work.rglob("results.json")).read_text())
-    print(f"fine-tuned {metrics['global_step']} steps on {metrics['train_masks_read']} masks read "
-          f"({metrics['seconds_per_batch']:.2f} s a batch of 4)")
+    print(
+        f"fine-tuned {metrics['global_step']} steps on {metrics['train_masks_read']} masks read "
+        f"({metrics['seconds_per_batch']:.2f} s a batch of 4)"
+    )
     return student
 
 
@@ -133,15 +149,32 @@ def main() -> None:
             objects = [o.saved() for o in result.objects if o.iou >= args.target]
             store.save(f"train_{i}", objects, version="", state="done")
             saved += len(objects)
-        print(f"round 1: {saved} of {sum(len(r.objects) for r in results)} objects reached IoU >= {args.target} "
-              f"on {len(results)} images and were saved to the folder")
+        print(
+            f"round 1: {saved} of {sum(len(r.objects) for r in results)} objects reached IoU >= {args.target} "
+            f"on {len(results)} images and were saved to the folder"
+        )
         tuned = load_model("tinyvit_toy", fine_tune(out, work, args))
-        rows.append(summary("proposals + clicks, fine-tuned once", annotate(tuned, held_out, Proposer(tuned, thresholds), args), args.target))
-    header = ["way", "clicks per object", f"objects at IoU >= {args.target} (%)", "mean IoU", "proposals kept as they are",
-              "proposals deleted per image", "model s / image"]
-    print(f"\n{len(held_out)} held-out toy images, {sum(len(t.instances) for t in held_out)} objects, "
-          f"at most {args.max_clicks} clicks an object; proposals at predicted IoU >= {args.pred_iou_thresh}, "
-          f"stability >= {args.stability_score_thresh}")
+        rows.append(
+            summary(
+                "proposals + clicks, fine-tuned once",
+                annotate(tuned, held_out, Proposer(tuned, thresholds), args),
+                args.target,
+            )
+        )
+    header = [
+        "way",
+        "clicks per object",
+        f"objects at IoU >= {args.target} (%)",
+        "mean IoU",
+        "proposals kept as they are",
+        "proposals deleted per image",
+        "model s / image",
+    ]
+    print(
+        f"\n{len(held_out)} held-out toy images, {sum(len(t.instances) for t in held_out)} objects, "
+        f"at most {args.max_clicks} clicks an object; proposals at predicted IoU >= {args.pred_iou_thresh}, "
+        f"stability >= {args.stability_score_thresh}"
+    )
     print(markdown_table(header, rows, digits=2))
 
 

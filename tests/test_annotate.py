@@ -13,16 +13,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fails_in_one_line, run_script_ok
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import fails_in_one_line, run_script_ok
 from tinysam import Predictor
 from tinysam.annotate import AnnotateServer, AnnotationStore, ConflictError, Proposer, export_coco, import_coco
 from tinysam.annotate.store import AnnotationError
@@ -97,7 +96,9 @@ def test_store_saves_sa1b_records_under_a_version_check(folder, tmp_path, toys):
         store.save("broken", [], version="")
     with pytest.raises(KeyError):
         store.read("../images/toy_0")
-    objects = [mask_object(t.mask, category="blob", point_coords=[list(t.point)], point_labels=[1]) for t in toys[0].instances]
+    objects = [
+        mask_object(t.mask, category="blob", point_coords=[list(t.point)], point_labels=[1]) for t in toys[0].instances
+    ]
     version = store.save("toy_0", objects, version="")
     view = store.read("toy_0")
     assert view["version"] == version and view["state"] == "in progress" and len(view["objects"]) == len(objects)
@@ -143,8 +144,17 @@ def test_fully_automatic_stage_writes_folders_the_annotator_opens(folder, tmp_pa
     out = tmp_path / "auto"
     run_script_ok(
         "evaluate.py",
-        ["task=everything", f"images={folder}", f"out={out}", "mode=adaptive", "task.generator.points_per_side=8",
-         f"checkpoint={STUDENT}", "model=tinyvit_toy", "annotations=null", f"paths.root_dir={tmp_path}"],
+        [
+            "task=everything",
+            f"images={folder}",
+            f"out={out}",
+            "mode=adaptive",
+            "task.generator.points_per_side=8",
+            f"checkpoint={STUDENT}",
+            "model=tinyvit_toy",
+            "annotations=null",
+            f"paths.root_dir={tmp_path}",
+        ],
         tmp_path,
     )
     store = AnnotationStore(folder, out)
@@ -154,7 +164,9 @@ def test_fully_automatic_stage_writes_folders_the_annotator_opens(folder, tmp_pa
     assert store.read("broken")["state"] == "unreadable image"
     coco = tmp_path / "coco.json"
     counts = export_coco(out, coco)
-    assert counts["images"] == 4 and counts["annotations"] == sum(len(store.read(f"toy_{i}")["objects"]) for i in range(4))
+    assert counts["images"] == 4 and counts["annotations"] == sum(
+        len(store.read(f"toy_{i}")["objects"]) for i in range(4)
+    )
 
 
 def test_coco_export_and_import_round_trip(folder, tmp_path, toys):
@@ -206,8 +218,13 @@ def test_server_reaches_only_listed_images_writes_only_out_and_caps_requests(bun
         assert [r["stem"] for r in listing["images"]] == ["broken", "toy_0", "toy_1", "toy_2", "toy_3"]
         status, body = request(server, "GET", "/api/images/toy_0/file")
         assert status == 200 and body == (folder / "toy_0.png").read_bytes()
-        for path in ["/api/images/../../etc/passwd/file", "/api/images/..%2F..%2Fetc%2Fpasswd/file",
-                     "/api/annotations/..%2Fimages%2Ftoy_0", "/api/annotations/%2Fetc%2Fpasswd", "/static/../server.py"]:
+        for path in [
+            "/api/images/../../etc/passwd/file",
+            "/api/images/..%2F..%2Fetc%2Fpasswd/file",
+            "/api/annotations/..%2Fimages%2Ftoy_0",
+            "/api/annotations/%2Fetc%2Fpasswd",
+            "/static/../server.py",
+        ]:
             assert request(server, "GET", path)[0] == 404, path
         save = json.dumps({"version": "", "objects": [], "state": "in progress"}).encode()
         for path in ["/api/annotations/..%2F..%2Fescaped", "/api/annotations/%2Ftmp%2Fescaped"]:
@@ -218,9 +235,13 @@ def test_server_reaches_only_listed_images_writes_only_out_and_caps_requests(bun
         status, body = request(server, "PUT", "/api/annotations/toy_0", b"{}")
         assert status == 400 and b"version" in body
         objects = [mask_object(toys[0].instances[0].mask)]
-        status, body = request(server, "PUT", "/api/annotations/toy_0", json.dumps({"version": "", "objects": objects}).encode())
+        status, body = request(
+            server, "PUT", "/api/annotations/toy_0", json.dumps({"version": "", "objects": objects}).encode()
+        )
         assert status == 200
-        status, body = request(server, "PUT", "/api/annotations/toy_0", json.dumps({"version": "", "objects": objects}).encode())
+        status, body = request(
+            server, "PUT", "/api/annotations/toy_0", json.dumps({"version": "", "objects": objects}).encode()
+        )
         assert status == 409 and b"changed since" in body
         assert request(server, "POST", "/api/propose/toy_0", b"{}")[0] == 404  # no model in Python: no proposals
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".annotate.lock", "toy_0.json", "toy_0.png"]
@@ -274,7 +295,11 @@ def test_server_killed_during_saves_leaves_the_previous_json(folder, tmp_path, b
     for delay in (1.0, 1.7, 2.3):
         server = subprocess.Popen(
             [sys.executable, "-m", "tinysam.annotate", f"images={folder}", f"out={out}", "port=0", f"cache={cache}"],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         line = ""
         while "serving at" not in line:
@@ -282,7 +307,10 @@ def test_server_killed_during_saves_leaves_the_previous_json(folder, tmp_path, b
             assert line, "the server stopped before serving"
         url = line.rsplit(" at ", 1)[1].strip() + "api/annotations/toy_0"
         client = subprocess.Popen(
-            [sys.executable, "-c", SAVE_LOOP, url, str(body)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            [sys.executable, "-c", SAVE_LOOP, url, str(body)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         time.sleep(delay)
         server.send_signal(signal.SIGKILL)
@@ -295,7 +323,9 @@ def test_server_killed_during_saves_leaves_the_previous_json(folder, tmp_path, b
 
 
 def test_command_fails_in_one_line(tmp_path, folder):
-    fails_in_one_line(["-m", "tinysam.annotate", f"images={tmp_path / 'nowhere'}", f"out={tmp_path}"], tmp_path, "nowhere")
+    fails_in_one_line(
+        ["-m", "tinysam.annotate", f"images={tmp_path / 'nowhere'}", f"out={tmp_path}"], tmp_path, "nowhere"
+    )
     fails_in_one_line(["-m", "tinysam.annotate", f"images={folder}"], tmp_path, "out missing")
     fails_in_one_line(["-m", "tinysam.annotate", "publish", "out=x"], tmp_path, "unknown command 'publish'")
 
@@ -330,7 +360,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def test_annotate_save_reload_propose_and_train_in_the_browser(browser, bundle, folder, tmp_path, toys, proposer, model):
+def test_annotate_save_reload_propose_and_train_in_the_browser(
+    browser, bundle, folder, tmp_path, toys, proposer, model
+):
     out = tmp_path / "out"
     store = AnnotationStore(folder, out)
     with AnnotateServer(bundle, store, proposer, port=0) as server:
@@ -368,7 +400,9 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(browser, bundle, 
         assert proposed and {o["source"] for o in proposed} == {"auto"}
         assert page.is_checked("#shade")
         page.click("#objects li:first-child button.delete")
-        uncovered = [t for t in toys[2].instances if all(iou(decode_rle(o["segmentation"]), t.mask) < 0.5 for o in proposed[1:])]
+        uncovered = [
+            t for t in toys[2].instances if all(iou(decode_rle(o["segmentation"]), t.mask) < 0.5 for o in proposed[1:])
+        ]
         target = (uncovered or toys[2].instances)[0]
         page.click("#new-object")
         click(page, *target.point)
@@ -376,7 +410,9 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(browser, bundle, 
         page.evaluate("window.annotator.idle()")
         page.screenshot(path=str(tmp_path / "annotate_proposals.png"))
         saved = store.read("toy_2")["objects"]
-        assert len(saved) == len(proposed) and [o["source"] for o in saved] == ["auto"] * (len(proposed) - 1) + ["manual"]
+        assert len(saved) == len(proposed) and [o["source"] for o in saved] == ["auto"] * (len(proposed) - 1) + [
+            "manual"
+        ]
         assert page.errors == []
         page.close()
     # the written JSONs are training data, and each manual mask is Predictor.predict's on its prompts
@@ -391,7 +427,11 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(browser, bundle, 
             if obj["source"] == "manual":
                 mask, score = predicted(predictor, obj)
                 assert iou(decode_rle(obj["segmentation"]), mask) >= 0.99 and abs(obj["predicted_iou"] - score) < 1e-3
-    check_fine_tune(out, tmp_path, record_counts={s: len(json.loads((out / f"{s}.json").read_text())["annotations"]) for s in dataset.names()})
+    check_fine_tune(
+        out,
+        tmp_path,
+        record_counts={s: len(json.loads((out / f"{s}.json").read_text())["annotations"]) for s in dataset.names()},
+    )
 
 
 def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
@@ -399,10 +439,25 @@ def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
     steps = 3
     run_script_ok(
         "train.py",
-        ["experiment=finetune_masks", "student=tinyvit_toy", f"student.checkpoint={STUDENT}", f"data.train_dirs=[{out}]",
-         "data.image_size=256", "data.batch_size=1", "data.num_workers=0", "data.max_masks=100", "data.min_mask_area=0",
-         f"trainer.max_steps={steps}", "module.warmup_steps=0", "module.lr=1e-3", "module.image_log_every=0",
-         "logger=csv", "~callbacks.progress_bar", f"paths.root_dir={tmp_path}", "run_name=annotated"],
+        [
+            "experiment=finetune_masks",
+            "student=tinyvit_toy",
+            f"student.checkpoint={STUDENT}",
+            f"data.train_dirs=[{out}]",
+            "data.image_size=256",
+            "data.batch_size=1",
+            "data.num_workers=0",
+            "data.max_masks=100",
+            "data.min_mask_area=0",
+            f"trainer.max_steps={steps}",
+            "module.warmup_steps=0",
+            "module.lr=1e-3",
+            "module.image_log_every=0",
+            "logger=csv",
+            "~callbacks.progress_bar",
+            f"paths.root_dir={tmp_path}",
+            "run_name=annotated",
+        ],
         tmp_path,
     )
     [results] = list(tmp_path.rglob("results.json"))
@@ -412,8 +467,16 @@ def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
     [student] = list(tmp_path.rglob("checkpoints/student.safetensors"))
     before, after = load_file(STUDENT), load_file(student)
     assert any(not np.allclose(before[k].numpy(), after[k].numpy()) for k in before)
-    reloaded = load_model("tinyvit_toy", student)  # what the annotator restarts on: checkpoint=... model=tinyvit_toy
-    assert reloaded.image_encoder.img_size == 256
+    # the annotator restarts on the new student (checkpoint=... model=tinyvit_toy), its proposals included
+    tuned = load_model("tinyvit_toy", student)
+    bundle = prepare(student, "tinyvit_toy", None, "browser", tmp_path / "cache")
+    store = AnnotationStore(out.parent / "images", out)
+    with AnnotateServer(bundle, store, Proposer(tuned, {"stability_score_thresh": 0.5}, points_per_side=8), port=0) as server:
+        info = json.loads(request(server, "GET", "/model/info.json")[1])
+        assert info["name"] == bundle.folder.name != "" and bundle.folder.name.startswith("tinyvit_toy-")
+        status, body = request(server, "POST", "/api/propose/toy_3", b"{}")
+        assert status == 200 and isinstance(json.loads(body)["objects"], list)
+        assert json.loads(request(server, "GET", "/api/annotations/toy_0")[1])["objects"]  # the folder reopens
 
 
 def test_two_tabs_conflict_in_the_page(browser, bundle, folder, tmp_path, toys):

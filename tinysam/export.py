@@ -1,4 +1,5 @@
-"""Export a model to ONNX: ``encoder.onnx`` and ``decoder.onnx``, checked against PyTorch.
+"""Export a model to ONNX: ``encoder.onnx`` and ``decoder.onnx`` (and, for a float model, the split decoder
+``decoder_image.onnx`` + ``decoder_prompt.onnx`` that a page runs per image and per click), checked against PyTorch.
 
     python -m tinysam.export checkpoint=PATH|random [model=tinyvit_5m] out=DIR [images=DIR]
 
@@ -26,11 +27,15 @@ from tinysam.io import check_writable
 from tinysam.loader import RANDOM, load_model
 from tinysam.models.onnx_graphs import (
     DECODER,
+    DECODER_IMAGE,
+    DECODER_PROMPT,
     ENCODER,
+    IMAGE_SIDE,
     METADATA,
     decoder_feed,
     export_decoder,
     export_encoder,
+    export_split_decoder,
     onnx_metadata,
 )
 from tinysam.predictor import Predictor
@@ -44,13 +49,15 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
     import onnx
     import onnxruntime as ort
 
-    names = [name for name in (ENCODER, DECODER) if (out / name).is_file()]
+    names = [name for name in (ENCODER, DECODER, DECODER_IMAGE, DECODER_PROMPT) if (out / name).is_file()]
     for name in names:
         onnx.checker.check_model(str(out / name), full_check=True)
-    encoder = ort.InferenceSession(str(out / ENCODER), providers=["CPUExecutionProvider"]) if ENCODER in names else None
-    decoder = ort.InferenceSession(str(out / DECODER), providers=["CPUExecutionProvider"])
+    session = {name: ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"]) for name in names}
+    encoder, decoder = session.get(ENCODER), session[DECODER]
     predictor = Predictor(model)
     worst = {"low_res_logits": 0.0, "iou": 0.0} | ({"embedding": 0.0} if encoder else {})
+    if DECODER_PROMPT in session:
+        worst |= {"split_low_res_logits": 0.0, "split_iou": 0.0}
     for image in images:
         rgb = load_image(image) if isinstance(image, Path) else image
         predictor.set_image(rgb)
@@ -72,13 +79,22 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
             _, onnx_iou, onnx_low = decoder.run(None, feed)
             worst["low_res_logits"] = max(worst["low_res_logits"], float(np.abs(onnx_low[:, 1:] - low_res).max()))
             worst["iou"] = max(worst["iou"], float(np.abs(onnx_iou[:, 1:] - iou).max()))
+            if DECODER_PROMPT in session:
+                side = dict(zip(IMAGE_SIDE, session[DECODER_IMAGE].run(None, {"image_embeddings": ref})))
+                prompt = {key: feed[key] for key in ("point_coords", "point_labels")}
+                split_iou, split_low = session[DECODER_PROMPT].run(None, side | prompt)
+                worst["split_low_res_logits"] = max(
+                    worst["split_low_res_logits"], float(np.abs(split_low[:, 1:] - low_res).max())
+                )
+                worst["split_iou"] = max(worst["split_iou"], float(np.abs(split_iou[:, 1:] - iou).max()))
     return worst
 
 
 def export(
     model: Sam, out: str | Path, images: Sequence[Path | np.ndarray], with_encoder: bool = True, **metadata
 ) -> dict:
-    """Write ``encoder.onnx``, ``decoder.onnx`` and ``export.json`` (with the check's differences) to ``out``.
+    """Write ``encoder.onnx``, ``decoder.onnx``, the split decoder (float models) and ``export.json`` (with the
+    check's differences) to ``out``.
 
     ``with_encoder=False`` writes the decoder alone (for a model whose embeddings are computed
     elsewhere). Everything is written and checked in a temporary sibling folder first, so a
@@ -92,6 +108,11 @@ def export(
         if with_encoder:
             export_encoder(model, work / ENCODER)
         export_decoder(model, work / DECODER)
+        try:
+            export_split_decoder(model, work)
+            names += [DECODER_IMAGE, DECODER_PROMPT]
+        except TypeError:  # a quantized decoder: decoder.onnx alone
+            pass
         diffs = check_against_torch(model, work, images)
         record = {
             **onnx_metadata(model),

@@ -19,7 +19,17 @@ from tinysam.models.onnx_graphs import METADATA
 from tinysam.quant.artifact import is_quantized_dir, load_quantized
 
 MODEL_KEYS = ("checkpoint", "model", "quantized", "onnx", "encoder", "cache")
-SERVE_KEYS = ("command", "images", "out", *MODEL_KEYS, "host", "port", "max_request_mb", "pred_iou_thresh", "stability_score_thresh")
+SERVE_KEYS = (
+    "command",
+    "images",
+    "out",
+    *MODEL_KEYS,
+    "host",
+    "port",
+    "max_request_mb",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+)
 USAGE = (
     "python -m tinysam.annotate [serve] images=DIR out=DIR [checkpoint=PATH model=NAME | quantized=DIR | onnx=DIR] "
     "[encoder=browser|server] [host=127.0.0.1] [port=8000] | export-coco out=DIR coco=FILE | "
@@ -65,7 +75,10 @@ def serve(args: dict) -> None:
     limit = int(float(args.get("max_request_mb", MAX_REQUEST_BYTES / 2**20)) * 2**20)
     proposer = proposer_for(args, Path(folder) if folder else None)
     server = AnnotateServer(bundle, store, proposer, args.get("host", "127.0.0.1"), int(args.get("port", 8000)), limit)
-    print(f"annotate: {len(store.entries)} images of {store.images_dir} -> {store.out}; serving at {server.url}", flush=True)
+    print(
+        f"annotate: {len(store.entries)} images of {store.images_dir} -> {store.out}; serving at {server.url}",
+        flush=True,
+    )
     server.serve_forever()
     server.server_close()
 
@@ -77,10 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     if command == "serve":
         serve(parse_keys(argv, "annotate", USAGE, SERVE_KEYS, required=("images", "out"), positional=("command",)))
     elif command == "export-coco":
-        args = parse_keys(argv, "annotate export-coco", USAGE, ("command", "out", "coco"), ("out", "coco"), ("command",))
+        args = parse_keys(
+            argv, "annotate export-coco", USAGE, ("command", "out", "coco"), ("out", "coco"), ("command",)
+        )
         counts = export_coco(args["out"], args["coco"])
-        print(f"annotate: wrote {counts['annotations']} objects of {counts['images']} images to {args['coco']}"
-              + (f"; skipped {counts['skipped']}" if counts["skipped"] else ""))
+        print(
+            f"annotate: wrote {counts['annotations']} objects of {counts['images']} images to {args['coco']}"
+            + (f"; skipped {counts['skipped']}" if counts["skipped"] else "")
+        )
     elif command == "import-coco":
         keys = ("images", "out", "coco")
         args = parse_keys(argv, "annotate import-coco", USAGE, ("command", *keys), keys, ("command",))

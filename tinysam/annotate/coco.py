@@ -31,7 +31,9 @@ def export_coco(out: str | Path, coco_file: str | Path) -> dict[str, Any]:
             continue
         image_id = len(images) + 1
         info = record["image"]
-        images.append({"id": image_id, "file_name": info["file_name"], "height": info["height"], "width": info["width"]})
+        images.append(
+            {"id": image_id, "file_name": info["file_name"], "height": info["height"], "width": info["width"]}
+        )
         for ann in record["annotations"]:
             name = ann.get("category") or UNNAMED
             categories.setdefault(name, len(categories) + 1)

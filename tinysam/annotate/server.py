@@ -139,7 +139,7 @@ class AnnotateServer(LocalServer):
         raw = await read_body(request, SMALL_REQUEST_BYTES)
         body = json.loads(raw) if raw else {}
         if not isinstance(body, dict):
-            raise ValueError("the body is a JSON object of thresholds")
+            raise TypeError("the body is a JSON object of thresholds")
         return {k: float(v) for k, v in body.items()}
 
     async def propose(self, request: Request) -> Response:

@@ -104,7 +104,9 @@ class SimulatedAnnotator:
             del obj.point_coords[kept:], obj.point_labels[kept:]
         return obj
 
-    def annotate(self, rgb: np.ndarray, gts: list[np.ndarray], proposals: list[dict[str, Any]] | None = None) -> AnnotatedImage:
+    def annotate(
+        self, rgb: np.ndarray, gts: list[np.ndarray], proposals: list[dict[str, Any]] | None = None
+    ) -> AnnotatedImage:
         """Every object of ``gts`` in ``rgb``; ``proposals`` (objects of :class:`~tinysam.annotate.Proposer`) first."""
         self.seconds = 0.0
         start = time.perf_counter()
@@ -124,8 +126,13 @@ class SimulatedAnnotator:
                 used.add(i)
                 p = proposals[i]
                 starts[j] = AnnotatedObject(
-                    0, overlap, "auto", masks[i], [list(map(float, xy)) for xy in p["point_coords"]],
-                    list(p["point_labels"]), p["predicted_iou"],
+                    0,
+                    overlap,
+                    "auto",
+                    masks[i],
+                    [list(map(float, xy)) for xy in p["point_coords"]],
+                    list(p["point_labels"]),
+                    p["predicted_iou"],
                 )
             deleted = len(proposals) - len(used)
         objects = [self.refine(gt, starts.get(j)) for j, gt in enumerate(gts)]

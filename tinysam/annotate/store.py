@@ -114,7 +114,7 @@ def clean_object(obj: dict[str, Any], size: tuple[int, int], where: str) -> dict
     return {
         "segmentation": {"size": [int(size[0]), int(size[1])], "counts": rle["counts"]},
         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
-        "area": int(len(xs)),
+        "area": len(xs),
         "predicted_iou": None if iou is None else float(iou),
         "point_coords": points,
         "point_labels": labels,
@@ -186,7 +186,9 @@ class AnnotationStore:
         rows = []
         for stem in self.entries:
             view = self.read(stem, objects=False)
-            rows.append({k: view.get(k) for k in ("stem", "name", "state", "error")} | {"objects": len(view["objects"])})
+            rows.append(
+                {k: view.get(k) for k in ("stem", "name", "state", "error")} | {"objects": len(view["objects"])}
+            )
         return rows
 
     @contextmanager
@@ -226,7 +228,11 @@ class AnnotationStore:
                 shutil.copy2(path, path.with_name(f"{path.name}.replaced-{version[:12]}"))
             image_id = list(self.entries).index(stem)
             record = sa1b_record(
-                entry.path.name, image_id, entry.size, annotations, **{HEADER: {"state": state, "by": f"tinysam {__version__}"}}
+                entry.path.name,
+                image_id,
+                entry.size,
+                annotations,
+                **{HEADER: {"state": state, "by": f"tinysam {__version__}"}},
             )
             write_sa1b(self.out, record, image_file=entry.path)
             return version_of(path)
@@ -242,4 +248,3 @@ class AnnotationStore:
             for path in stale:
                 os.unlink(path)
         return len(stale)
-

@@ -19,7 +19,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.export import export
 from tinysam.io import file_sha256
 from tinysam.loader import load_model
-from tinysam.models.onnx_graphs import DECODER, ENCODER, METADATA
+from tinysam.models.onnx_graphs import DECODER, DECODER_IMAGE, DECODER_PROMPT, ENCODER, METADATA
 
 ENCODER_MODES = ("browser", "server")
 METADATA_KEYS = ("image_size", "pixel_mean", "pixel_std", "mask_threshold", "embedding_shape", "mask_side")
@@ -34,9 +34,15 @@ class Bundle:
     encoder_mode: str = "browser"
     encode: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
+    @property
+    def split_decoder(self) -> bool:
+        """Whether the folder holds the split decoder (``decoder_image.onnx`` + ``decoder_prompt.onnx``)."""
+        return all((self.folder / name).is_file() for name in (DECODER_IMAGE, DECODER_PROMPT))
+
     def files(self) -> dict[str, Path]:
         """The model files the server may send, by name."""
         names = [DECODER] + ([ENCODER] if self.encoder_mode == "browser" else [])
+        names += [DECODER_IMAGE, DECODER_PROMPT] if self.split_decoder else []
         return {name: self.folder / name for name in names}
 
 
@@ -86,7 +92,8 @@ def export_checkpoint(model_name: str, checkpoint: str | Path, out: Path, encode
     folder = out / f"{model_name}-{digest[:12]}{'' if with_encoder else '-decoder'}"
     model = load_model(model_name, checkpoint)
     record = json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {}
-    if any(record.get(k) != v for k, v in key.items()) or record.get("with_encoder") != with_encoder:
+    stale = any(record.get(k) != v for k, v in key.items()) or record.get("with_encoder") != with_encoder
+    if stale or not all((folder / name).is_file() for name in (DECODER_IMAGE, DECODER_PROMPT)):
         print(f"demo: exporting {model_name} from {checkpoint} to {folder}", flush=True)
         check_image = generate_image(image_rng(0, "val", 0), ToyWorldConfig(out="unused")).image
         export(model, folder, [check_image], with_encoder, checkpoint=str(checkpoint), **key)

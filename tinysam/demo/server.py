@@ -82,7 +82,9 @@ def file_response(path: Path, request: Request) -> Response:
     """``path``'s bytes with its content type (only the headers for HEAD)."""
     body = path.read_bytes()
     kind = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-    response = Response(b"" if request.method == "HEAD" else body, headers={"Cache-Control": "no-cache"}, media_type=kind)
+    response = Response(
+        b"" if request.method == "HEAD" else body, headers={"Cache-Control": "no-cache"}, media_type=kind
+    )
     response.headers["Content-Length"] = str(len(body))
     return response
 
@@ -103,7 +105,12 @@ class ModelRoutes:
     def __init__(self, bundle: Bundle, page: str = "index.html") -> None:
         self.bundle = bundle
         self.table = static_table(bundle, page)
-        self.info = {**bundle.metadata, "encoder": bundle.encoder_mode, "name": bundle.folder.name}
+        self.info = {
+            **bundle.metadata,
+            "encoder": bundle.encoder_mode,
+            "name": bundle.folder.name,
+            "split_decoder": bundle.split_decoder,
+        }
         self.encode_lock = threading.Lock()
 
     def routes(self) -> list[Route]:

@@ -202,23 +202,18 @@ class FactoredMaskDecoder(nn.Module):
                 "FactoredMaskDecoder decodes prompts of one image: image_embeddings and dense_prompt_embeddings "
                 f"need batch 1, got {image_embeddings.shape[0]} and {dense_prompt_embeddings.shape[0]}"
             )
-        dec = self.decoder
         side = self.image_side(image_embeddings + dense_prompt_embeddings, image_pe)
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        mlps = list(dec.output_hypernetworks_mlps)[mask_slice]
+        outputs = slice(1, None) if multimask_output else slice(0, 1)
         if len(sparse_prompt_embeddings) == 0:
             h, w = image_embeddings.shape[2:]
-            return image_embeddings.new_zeros(0, len(mlps), 4 * h, 4 * w), image_embeddings.new_zeros(0, len(mlps))
+            m = len(self.decoder.output_hypernetworks_mlps[outputs])
+            return image_embeddings.new_zeros(0, m, 4 * h, 4 * w), image_embeddings.new_zeros(0, m)
         masks, iou_pred = [], []
         chunk = self.prompt_chunk or max(1, CHUNK_BYTES // side.tokens[0].nelement() // side.tokens.element_size())
         for sparse in sparse_prompt_embeddings.split(chunk):
-            tokens = torch.cat((output_tokens.expand(len(sparse), -1, -1), sparse), dim=1)
-            queries, image = self._transformer(tokens, side)
-            mask_tokens = queries[:, 1 : 1 + dec.num_mask_tokens][:, mask_slice]
-            hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)  # (n, M, C/8)
-            masks.append(self._upscaled_masks(image, hyper_in, *image_embeddings.shape[2:]))
-            iou_pred.append(dec.iou_prediction_head(queries[:, 0])[:, mask_slice])
+            chunk_masks, chunk_iou = self.prompt_side(sparse, side, *image_embeddings.shape[2:], blocked=True)
+            masks.append(chunk_masks[:, outputs])
+            iou_pred.append(chunk_iou[:, outputs])
         return torch.cat(masks), torch.cat(iou_pred)
 
     def image_side(self, image: Tensor, image_pe: Tensor) -> ImageSide:
@@ -266,21 +261,47 @@ class FactoredMaskDecoder(nn.Module):
         Runs over blocks of ``UPSCALE_ROWS`` pixels of one prompt at a time, so that the upscaled
         activations (16 pixels x C/8 channels per token) stay in cache.
         """
+        per_prompt = [
+            torch.cat([self.upscale_rows(rows) @ hyper_in[i].T for rows in image[i].split(UPSCALE_ROWS)])
+            for i in range(len(image))
+        ]
+        return self.pixel_order(torch.stack(per_prompt), height, width)
+
+    def upscale_rows(self, rows: Tensor) -> Tensor:
+        """``output_upscaling`` of image-token rows (R, C): (R x 16, C/8) rows in (token, a, b, c, d) order, where
+        a 2x2 stride-2 transposed convolution maps each token to its 2x2 block: (C_in, [a, b, C_out])."""
         conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
-        n, _, c = image.shape
-        c1, c2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
-        # a 2x2 stride-2 transposed convolution maps each pixel to its 2x2 block: (C_in, [a, b, C_out])
-        w1, b1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1), conv1.bias.repeat(4)
+        c1, c2 = conv1.out_channels, conv2.out_channels
+        w1, b1 = conv1.weight.permute(0, 2, 3, 1).reshape(rows.shape[-1], 4 * c1), conv1.bias.repeat(4)
         w2, b2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2), conv2.bias.repeat(4)
-        per_prompt = []
-        for i in range(n):
-            blocks = []
-            for rows in image[i].split(UPSCALE_ROWS):
-                up = torch.addmm(b1, rows, w1).view(-1, c1)
-                up = act1(F.layer_norm(up, (c1,), norm.weight, norm.bias, norm.eps))
-                up = act2(torch.addmm(b2, up, w2)).view(-1, c2)  # rows (pixel, a, b, c, d)
-                blocks.append(up @ hyper_in[i].T)
-            per_prompt.append(torch.cat(blocks))
-        # row (i, j, a, b, c, d) of prompt n is pixel (4i + 2a + c, 4j + 2b + d); column m is mask m
-        masks = torch.stack(per_prompt).view(n, height, width, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        up = torch.addmm(b1, rows, w1).view(-1, c1)
+        up = act1(F.layer_norm(up, (c1,), norm.weight, norm.bias, norm.eps))
+        return act2(torch.addmm(b2, up, w2)).view(-1, c2)
+
+    @staticmethod
+    def pixel_order(masks: Tensor, height: int, width: int) -> Tensor:
+        """(N, P x 16, M) upscaled rows as masks (N, M, 4h, 4w): row (i, j, a, b, c, d) is pixel
+        (4i + 2a + c, 4j + 2b + d)."""
+        n, m = masks.shape[0], masks.shape[-1]
+        masks = masks.reshape(n, height, width, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(n, m, 4 * height, 4 * width)
+
+    def prompt_side(
+        self, sparse_prompt_embeddings: Tensor, side: ImageSide, height: int, width: int, blocked: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Low-res logits (N, 4, 4h, 4w) and IoUs (N, 4) of every output (single-mask first) for prompts (N, T, C)
+        on an image's :class:`ImageSide`: the per-click half of the decoder. ``blocked`` upscales a prompt's
+        pixels a block at a time (fast in PyTorch); otherwise all at once, with no loop (an exportable graph)."""
+        dec = self.decoder
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        n = sparse_prompt_embeddings.shape[0]
+        tokens = torch.cat((output_tokens.expand(n, -1, -1), sparse_prompt_embeddings), dim=1)
+        queries, image = self._transformer(tokens, side)
+        mask_tokens = queries[:, 1 : 1 + dec.num_mask_tokens]
+        hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        if blocked:
+            masks = self._upscaled_masks(image, hyper_in, height, width)
+        else:
+            rows = self.upscale_rows(image.flatten(0, 1)).view(n, -1, hyper_in.shape[-1])
+            masks = self.pixel_order(rows @ hyper_in.transpose(1, 2), height, width)
+        return masks, dec.iou_prediction_head(queries[:, 0])

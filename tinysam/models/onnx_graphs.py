@@ -8,6 +8,13 @@ labelled -1) it returns masks at the original image size (N, 4, H, W), IoU predi
 (N, 4) and low-res logits (N, 4, 256, 256); output 0 is the single-mask output, 1-3 the
 multimask ones. N and K are dynamic. Writing and running them lives elsewhere
 (:mod:`tinysam.export`, :mod:`tinysam.backends`).
+
+A float model's decoder is also written split in two, as the factored decoder computes it
+(:mod:`tinysam.models.factored_decoder`): ``decoder_image.onnx`` runs once per image on its embedding
+(the prompt-independent image-side work: :data:`IMAGE_SIDE`), ``decoder_prompt.onnx`` once per click on
+those tensors and the points (:data:`PROMPT_INPUTS`), returning the IoU predictions and low-res logits of
+all four outputs, without a mask input. A page whose decoder runs at every click does a third of SAM's
+decoder's work there.
 """
 
 from __future__ import annotations
@@ -20,10 +27,16 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 
+from tinysam.models.factored_decoder import FactoredMaskDecoder, ImageSide
+
 OPSET = 17
 ENCODER, DECODER, METADATA = "encoder.onnx", "decoder.onnx", "export.json"
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+DECODER_IMAGE, DECODER_PROMPT = "decoder_image.onnx", "decoder_prompt.onnx"
+IMAGE_SIDE = ("tokens", "first_keys", "first_values", "first_queries", "pos_keys", "pos_queries", "final_pos_keys")
+PROMPT_INPUTS = (*IMAGE_SIDE, "point_coords", "point_labels")
+PROMPT_OUTPUTS = ("iou_predictions", "low_res_masks")
 
 
 def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, inputs, outputs, dynamic_axes) -> None:
@@ -145,6 +158,62 @@ def export_decoder(model: Sam, path: str | Path) -> Path:
     }
     _onnx_export(wrapper, dummy, path, DECODER_INPUTS, DECODER_OUTPUTS, axes)
     return path
+
+
+class DecoderImagePart(torch.nn.Module):
+    """The image half of the split decoder: an embedding (1, C, h, w) in, the :data:`IMAGE_SIDE` tensors out
+    (no mask input: SAM's "no mask" embedding is added to the image tokens)."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__()
+        self.model, self.factored = model, FactoredMaskDecoder(model.mask_decoder)
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prompt_encoder = self.model.prompt_encoder
+        side = self.factored.image_side(
+            image_embeddings + prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1), prompt_encoder.get_dense_pe()
+        )
+        keys, queries = (torch.stack(list(t)) for t in zip(*side.pos))
+        return (side.tokens, *side.first, keys, queries, side.final_pos)
+
+
+class DecoderPromptPart(SamOnnxModel):
+    """The click half of the split decoder: the :data:`IMAGE_SIDE` tensors and the points of N prompts in, the
+    IoU predictions (N, 4) and low-res logits (N, 4, 4h, 4w) out; SAM's ONNX point embedding (boxes as corners
+    labelled 2 and 3, padding points -1)."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__(model, return_single_mask=False)
+        self.factored = FactoredMaskDecoder(model.mask_decoder)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        tokens, first_k, first_v, first_q, pos_keys, pos_queries, final_pos, point_coords, point_labels = inputs
+        side = ImageSide(tokens, (first_k, first_v, first_q), list(zip(pos_keys, pos_queries)), final_pos)
+        h, w = self.model.prompt_encoder.image_embedding_size
+        masks, iou = self.factored.prompt_side(self._embed_points(point_coords, point_labels), side, h, w)
+        return iou, masks
+
+
+def export_split_decoder(model: Sam, folder: str | Path) -> tuple[Path, Path]:
+    """``decoder_image.onnx`` and ``decoder_prompt.onnx`` of a float model in ``folder``; a ``TypeError`` for a
+    decoder the factored decoder cannot run (a quantized one)."""
+    folder = Path(folder)
+    model = model.float().cpu().eval()
+    image_part, prompt_part = DecoderImagePart(model).eval(), DecoderPromptPart(model).eval()
+    embedding = torch.randn(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    _onnx_export(image_part, (embedding,), folder / DECODER_IMAGE, ["image_embeddings"], IMAGE_SIDE, None)
+    with torch.no_grad():
+        side = image_part(embedding)
+    points = torch.randint(0, model.image_encoder.img_size, (2, 3, 2)).float()
+    labels = torch.tensor([[1, 0, -1], [2, 3, -1]], dtype=torch.float)
+    axes = {
+        "point_coords": {0: "prompts", 1: "points"},
+        "point_labels": {0: "prompts", 1: "points"},
+        "iou_predictions": {0: "prompts"},
+        "low_res_masks": {0: "prompts"},
+    }
+    _onnx_export(prompt_part, (*side, points, labels), folder / DECODER_PROMPT, PROMPT_INPUTS, PROMPT_OUTPUTS, axes)
+    return folder / DECODER_IMAGE, folder / DECODER_PROMPT
 
 
 def decoder_feed(

@@ -1,7 +1,9 @@
 // The model in the page: onnxruntime-web sessions for the encoder and the decoder, and what the pages
 // do with them (embed an image, decode prompts, turn low-res logits into a full-size mask). Both pages
 // (the demo's app.js and the annotator's annotate.js) use it. WebGPU when the browser has an adapter,
-// else threaded WASM; with encoder=server the embedding comes from POST /api/encode.
+// else threaded WASM; with encoder=server the embedding comes from POST /api/encode. A float model's
+// decoder runs split (decoder_image.onnx once per image, decoder_prompt.onnx per click) unless the URL
+// says ?decoder=full.
 import { decoderFeed, normalizeAndPad, resizeLongestSide, upscaleLogits } from "./sam.js";
 
 const VENDOR = new URL("./vendor/onnxruntime-web/", import.meta.url).href;
@@ -76,22 +78,30 @@ export class BrowserSam {
     const runtime = await loadRuntime(params.get("ep"), Number(params.get("threads") ?? 0));
     const { ort } = runtime;
     const options = { executionProviders: [...new Set([runtime.ep, "wasm"])], graphOptimizationLevel: "all" };
-    const encoder = info.encoder === "browser" ? await ort.InferenceSession.create(await fetchModel("encoder.onnx", progress), options) : null;
-    const decoder = await ort.InferenceSession.create(await fetchModel("decoder.onnx", progress), options);
-    return new BrowserSam(info, runtime, encoder, decoder);
+    const session = async (name) => ort.InferenceSession.create(await fetchModel(name, progress), options);
+    const encoder = info.encoder === "browser" ? await session("encoder.onnx") : null;
+    const split = info.split_decoder && params.get("decoder") !== "full";
+    const decoders = split
+      ? { image: await session("decoder_image.onnx"), prompt: await session("decoder_prompt.onnx") }
+      : { full: await session("decoder.onnx") };
+    return new BrowserSam(info, runtime, encoder, decoders);
   }
 
-  constructor(info, runtime, encoder, decoder) {
-    Object.assign(this, { info, runtime, ort: runtime.ort, encoder, decoder });
+  constructor(info, runtime, encoder, decoders) {
+    Object.assign(this, { info, runtime, ort: runtime.ort, encoder, decoders });
   }
 
   /** A line naming the runtime, for the page's footer. */
   describe() {
     const { ort, ep, threads, note } = this.runtime;
-    return `onnxruntime-web ${ort.env.versions?.web ?? ""}, ${ep}, ${threads || "default"} threads${note}`;
+    const decoder = this.decoders.full ? "decoder in one graph" : "decoder split per image and per click";
+    return `onnxruntime-web ${ort.env.versions?.web ?? ""}, ${ep}, ${threads || "default"} threads, ${decoder}${note}`;
   }
 
-  /** The image embedding (an ort.Tensor) of RGB bytes, with the preprocessing and encoder milliseconds. */
+  /**
+   * What the decoder needs of an image, from RGB bytes: the embedding (an ort.Tensor), or with the split decoder
+   * the image half's tensors; with the preprocessing and encoder milliseconds (the image half's included).
+   */
   async embed(rgb, height, width) {
     const { info, ort } = this;
     const size = info.image_size;
@@ -106,6 +116,7 @@ export class BrowserSam {
       if (!response.ok) throw new Error(`the server could not encode the image: ${(await response.json()).error}`);
       embedding = new ort.Tensor("float32", new Float32Array(await response.arrayBuffer()), [1, ...info.embedding_shape]);
     }
+    if (this.decoders.image) embedding = await this.decoders.image.run({ image_embeddings: embedding });
     return { embedding, preprocess: preprocessed - start, encoder: performance.now() - preprocessed };
   }
 
@@ -113,10 +124,13 @@ export class BrowserSam {
   async decode(embedding, height, width, points, box) {
     const { info, ort } = this;
     const feed = decoderFeed(points, box, height, width, info.image_size, info.mask_side);
-    const tensors = { image_embeddings: embedding };
-    for (const [name, { data, dims }] of Object.entries(feed)) tensors[name] = new ort.Tensor("float32", data, dims);
+    const split = Boolean(this.decoders.prompt);
+    const tensors = split ? { ...embedding } : { image_embeddings: embedding };
+    for (const [name, { data, dims }] of Object.entries(feed)) {
+      if (!split || name.startsWith("point_")) tensors[name] = new ort.Tensor("float32", data, dims);
+    }
     const start = performance.now();
-    const out = await this.decoder.run(tensors, ["iou_predictions", "low_res_masks"]);
+    const out = await (split ? this.decoders.prompt : this.decoders.full).run(tensors, ["iou_predictions", "low_res_masks"]);
     const ms = performance.now() - start;
     const plane = info.mask_side * info.mask_side;
     const iou = Array.from(out.iou_predictions.data.slice(1, 4)); // outputs 1-3: the multimask outputs
