@@ -5,6 +5,8 @@
 For each model, float and W8A8, on one thread and on all cores, side by side in one process:
 the encoder (median of ``--runs`` after a warm-up) and the decoder per click (median of ``--clicks``
 on one positive click), in the page (``?ep=wasm&threads=N``) and in Python on the same ONNX files.
+The float model's decoder runs both ways: SAM's decoder in one graph (``?decoder=full``) and split, its
+image half once per image (its time is in the encoder column) and its click half per click.
 ``toy`` is the shipped toy student (256 px); ``tinyvit_5m`` is the 1024 px student with the
 seeded reference weights of ``tests/reference``. The W8A8 models come from ``quantize_model`` with a short scale
 search (1 round, 10 candidates, 2 images): the search changes the scales, not the graph or its speed.
@@ -32,7 +34,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.demo import DemoServer, prepare
 from tinysam.loader import load_model
 from tinysam.models.checkpoint import save_checkpoint
-from tinysam.models.onnx_graphs import DECODER, ENCODER, decoder_feed
+from tinysam.models.onnx_graphs import DECODER, DECODER_IMAGE, DECODER_PROMPT, ENCODER, IMAGE_SIDE, decoder_feed
 from tinysam.quant.run import quantize_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
@@ -74,34 +76,49 @@ def median_ms(run, times: int) -> float:
     return statistics.median(samples)
 
 
-def python_latency(bundle, threads: int, runs: int, clicks: int) -> tuple[float, float]:
-    """Encoder and per-click decoder milliseconds of onnxruntime in Python on the bundle's files."""
+def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -> tuple[float, float]:
+    """Encoder (with the split decoder's image half) and per-click decoder milliseconds of onnxruntime in Python."""
     meta = bundle.metadata
     size = meta["image_size"]
     encoder = onnx_session(bundle.folder / ENCODER, threads)
     x = np.zeros((1, 3, size, size), np.float32)
     encoder.run(None, {"image": x})
     encode_ms = median_ms(lambda: encoder.run(None, {"image": x}), runs)
-    decoder = onnx_session(bundle.folder / DECODER, threads)
     embedding = encoder.run(None, {"image": x})[0]
     side = meta["mask_side"]
     feed = decoder_feed(embedding, np.array([[[size / 2, size / 2]]]), np.array([[1]]), None, None, (side, side), side)
-    decoder.run(None, feed)
-    return encode_ms, median_ms(lambda: decoder.run(None, feed), clicks)
+    if decoder == "split":
+        image_part, prompt_part = (onnx_session(bundle.folder / name, threads) for name in (DECODER_IMAGE, DECODER_PROMPT))
+        image_part.run(None, {"image_embeddings": embedding})
+        encode_ms += median_ms(lambda: image_part.run(None, {"image_embeddings": embedding}), runs)
+        feed = dict(zip(IMAGE_SIDE, image_part.run(None, {"image_embeddings": embedding}))) | {
+            key: feed[key] for key in ("point_coords", "point_labels")
+        }
+        session = prompt_part
+    else:
+        session = onnx_session(bundle.folder / DECODER, threads)
+    session.run(None, feed)
+    return encode_ms, median_ms(lambda: session.run(None, feed), clicks)
 
 
-def browser_latency(browser, bundle, image: Path, threads: int, runs: int, clicks: int, screenshot: Path | None):
-    """Encoder and per-click decoder milliseconds in the page, WASM with ``threads`` threads."""
+def browser_latency(
+    browser, bundle, image: Path, threads: int, runs: int, clicks: int, screenshot: Path | None, decoder: str
+) -> tuple[float, float]:
+    """Encoder (with the split decoder's image half) and per-click decoder milliseconds in the page, WASM with
+    ``threads`` threads."""
     with DemoServer(bundle, port=0) as server:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(f"{server.url}?ep=wasm&threads={threads}")
+        page.goto(f"{server.url}?ep=wasm&threads={threads}&decoder={decoder}")
         page.wait_for_selector("body[data-ready=true]", timeout=300_000)
         page.set_input_files("#file", str(image))
         page.evaluate("window.demo.idle()")
         box = page.locator("#view").bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
         page.evaluate("window.demo.idle()")
+        assert page.evaluate("window.demo.info.split_decoder") or decoder == "full"
         encode_ms = statistics.median(page.evaluate(f"window.demo.timeEncoder({runs})"))
+        if decoder == "split":
+            encode_ms += statistics.median(page.evaluate(f"window.demo.timeImagePart({runs})"))
         decode_ms = statistics.median(page.evaluate(f"window.demo.timeDecoder({clicks})"))
         if screenshot is not None:
             page.screenshot(path=str(screenshot))
@@ -129,22 +146,23 @@ def main() -> None:
         prepared = {name: bundles(name, Path(tmp)) for name in args.models}
         print(f"\nChromium {browser.version}, onnxruntime-web 1.31.1 (WASM, SIMD), {cores} cores\n")
         print(
-            "| model | weights | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
+            "| model | weights | decoder | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
             "decoder per click, browser (ms) | decoder, Python (ms) |"
         )
-        print("|---|---|---|---|---|---|---|---|", flush=True)
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
         screenshot = args.screenshot
         for name, models in prepared.items():
-            for precision in ("float", "W8A8"):
+            for precision, decoder in (("float", "full"), ("float", "split"), ("W8A8", "full")):
                 for threads in sorted({1, cores}):
+                    bundle = models[precision]
                     enc_web, dec_web = browser_latency(
-                        browser, models[precision], models["image"], threads, args.runs, args.clicks, screenshot
+                        browser, bundle, models["image"], threads, args.runs, args.clicks, screenshot, decoder
                     )
                     screenshot = None
-                    enc_py, dec_py = python_latency(models[precision], threads, args.runs, args.clicks)
-                    size = models[precision].metadata["image_size"]
+                    enc_py, dec_py = python_latency(bundle, threads, args.runs, args.clicks, decoder)
+                    size = bundle.metadata["image_size"]
                     print(
-                        f"| {name} ({size} px) | {precision} | {threads} | {enc_web:.1f} | {enc_py:.1f} | "
+                        f"| {name} ({size} px) | {precision} | {decoder} | {threads} | {enc_web:.1f} | {enc_py:.1f} | "
                         f"{enc_web / enc_py:.2f}x | {dec_web:.1f} | {dec_py:.1f} |",
                         flush=True,
                     )

@@ -125,6 +125,9 @@ def test_page_masks_match_predictor(browser, bundles, toy_images, tmp_path, kind
     size = image.shape[:2]
     with DemoServer(bundles[kind], port=0) as server:
         page = open_page(browser, server.url)
+        # a float model's clicks run the split decoder's per-click graph; the INT8 one keeps decoder.onnx
+        assert page.evaluate("window.demo.info.split_decoder") == (kind != "int8")
+        assert ("split per image and per click" in page.inner_text("#runtime")) == (kind != "int8")
         load_image(page, path)
         assert "error" not in (page.get_attribute("#message", "class") or "")
         inside = [t for t in toy.instances if t.point[0] < 190]

@@ -348,6 +348,8 @@ window.demo = {
   record: () => (state.result ? record() : null),
   /** Milliseconds of `runs` encoder runs on the current image's input, after one warm-up run. */
   timeEncoder: (runs) => sam.timeEncoder(runs),
+  /** Milliseconds of `runs` runs of the split decoder's image half on the current image, after one warm-up run. */
+  timeImagePart: (runs) => sam.timeImagePart(runs),
   /** Milliseconds of `runs` decoder runs on the current prompts. */
   timeDecoder: async (runs) => {
     const { points, box } = prompts();

@@ -71,6 +71,17 @@ export function tint(values, width, height, test, rgba) {
   return layer;
 }
 
+async function timed(run, runs) {
+  await run();
+  const times = [];
+  for (let i = 0; i < runs; i++) {
+    const start = performance.now();
+    await run();
+    times.push(performance.now() - start);
+  }
+  return times;
+}
+
 export class BrowserSam {
   /** Load the model the server serves; `progress(text)` hears about downloads. URL options: ?ep=wasm|webgpu&threads=N. */
   static async load(params, progress) {
@@ -163,13 +174,13 @@ export class BrowserSam {
   async timeEncoder(runs) {
     const size = this.info.image_size;
     const input = new this.ort.Tensor("float32", new Float32Array(3 * size * size), [1, 3, size, size]);
-    await this.encoder.run({ image: input });
-    const times = [];
-    for (let i = 0; i < runs; i++) {
-      const start = performance.now();
-      await this.encoder.run({ image: input });
-      times.push(performance.now() - start);
-    }
-    return times;
+    return timed(() => this.encoder.run({ image: input }), runs);
+  }
+
+  /** Milliseconds of `runs` runs of the split decoder's image half on a blank embedding, after one warm-up run. */
+  async timeImagePart(runs) {
+    const shape = [1, ...this.info.embedding_shape];
+    const input = new this.ort.Tensor("float32", new Float32Array(shape.reduce((a, b) => a * b)), shape);
+    return timed(() => this.decoders.image.run({ image_embeddings: input }), runs);
   }
 }
