@@ -427,17 +427,14 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(
             if obj["source"] == "manual":
                 mask, score = predicted(predictor, obj)
                 assert iou(decode_rle(obj["segmentation"]), mask) >= 0.99 and abs(obj["predicted_iou"] - score) < 1e-3
-    check_fine_tune(
-        out,
-        tmp_path,
-        record_counts={s: len(json.loads((out / f"{s}.json").read_text())["annotations"]) for s in dataset.names()},
-    )
+    counts = {s: len(json.loads((out / f"{s}.json").read_text())["annotations"]) for s in dataset.names()}
+    store.save("toy_3", [], version="", state="done")  # an image with nothing on it: training skips and counts it
+    check_fine_tune(out, tmp_path, record_counts=counts)
 
 
 def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
     """experiment=finetune_masks on the annotated folder: the weights move and every saved object is read."""
-    steps = 3
-    run_script_ok(
+    printed = run_script_ok(
         "train.py",
         [
             "experiment=finetune_masks",
@@ -449,7 +446,8 @@ def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
             "data.num_workers=0",
             "data.max_masks=100",
             "data.min_mask_area=0",
-            f"trainer.max_steps={steps}",
+            "trainer.max_steps=-1",
+            "trainer.max_epochs=1",  # one pass over the folder
             "module.warmup_steps=0",
             "module.lr=1e-3",
             "module.image_log_every=0",
@@ -460,9 +458,10 @@ def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
         ],
         tmp_path,
     )
+    assert "toy_3.png (no usable mask" in printed  # the empty image, skipped by name
     [results] = list(tmp_path.rglob("results.json"))
     metrics = json.loads(results.read_text())
-    assert metrics["train_images_read"] == steps == len(record_counts)  # one pass over the three images
+    assert metrics["train_images_read"] == len(record_counts) == 3  # the three annotated images, the empty one skipped
     assert metrics["train_masks_read"] == sum(record_counts.values())
     [student] = list(tmp_path.rglob("checkpoints/student.safetensors"))
     before, after = load_file(STUDENT), load_file(student)

@@ -186,10 +186,11 @@ class DistillDataModule(L.LightningDataModule):
                 self.train_sampler.resume_at(*self._resume)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Count the samples each batch dropped (runs in the main process, whatever the workers)."""
+        """Count the samples each batch dropped (runs in the main process, whatever the workers), then drop their
+        records, which are not tensors to move to the device."""
         stage = "val" if self.trainer is not None and not self.trainer.training else "train"
         self.skips[stage].add(len(batch.get("name", [])), batch["skipped"])
-        return batch
+        return {key: value for key, value in batch.items() if key != "skipped"}
 
     def end_pass(self, stage: str) -> str:
         """Log and reset the skip summary of a finished training or validation pass."""
