@@ -493,6 +493,9 @@ def test_two_tabs_conflict_in_the_page(browser, bundle, folder, tmp_path, toys):
         assert "changed since this page read it" in second.inner_text("#message")
         assert second.get_attribute("#message", "class") == "error"
         assert store.read("toy_0") == kept  # the stale save changed nothing
+        second.click("#reload")  # asks before dropping the page's objects (the test accepts), then shows the saved file
+        second.evaluate("window.annotator.idle()")
+        assert second.evaluate("window.annotator.objects()") == first.evaluate("window.annotator.objects()")
         assert first.errors == second.errors == []
         first.close()
         second.close()

@@ -128,17 +128,18 @@ async function saveNow() {
     state.dirty = false;
     message(`saved ${saved.objects} objects of ${state.current.name}`);
   } catch (err) {
-    message(`not saved: ${err.message}`, true); // a stale save (409) names the reload that shows the saved version
+    message(`not saved: ${err.message}` + (err.status === 409 ? " (Reload shows it; your objects stay here until then)" : ""), true);
     return false;
   }
   await refreshList();
   return true;
 }
 
-function openImage(stem) {
+function openImage(stem, reload = false) {
   return run(async () => {
-    if (state.current?.stem === stem) return;
-    if (state.dirty && !(await saveNow())) return; // leaving an image saves it; a refused save keeps the page here
+    if (state.current?.stem === stem && !reload) return;
+    // leaving an image saves it, and a refused save keeps the page here; Reload drops this page's changes
+    if (!reload && state.dirty && !(await saveNow())) return;
     const view = await api(`/api/annotations/${encodeURIComponent(stem)}`);
     state.current = null;
     state.objects = [];
@@ -321,7 +322,7 @@ function render() {
   context.clearRect(0, 0, canvas.width, canvas.height);
   const image = state.current;
   const object = selected();
-  for (const id of ["save", "propose", "category"]) $(id).disabled = !image || (id === "propose" && !state.thresholds);
+  for (const id of ["save", "reload", "propose", "category"]) $(id).disabled = !image || (id === "propose" && !state.thresholds);
   $("undo").disabled = !object?.actions.length;
   $("delete-object").disabled = !object;
   $("category").value = object ? object.category : $("category").value;
@@ -456,6 +457,10 @@ $("shade").addEventListener("change", render);
 $("save").addEventListener("click", save);
 $("propose").addEventListener("click", propose);
 $("propose-all").addEventListener("click", () => run(proposeAll));
+$("reload").addEventListener("click", () => {
+  if (!state.current || (state.dirty && !confirm("Drop this page's unsaved changes and show the saved version?"))) return;
+  openImage(state.current.stem, true);
+});
 $("prev").addEventListener("click", () => step(-1));
 $("next").addEventListener("click", () => step(1));
 window.addEventListener("keydown", (event) => {
