@@ -25,9 +25,10 @@ thresholds (SAM's 0.88 / 0.95; our eager path, the factored decoder, onnxruntime
 ``quantize_model`` writes, calibrated min-max on the last shipped photo), then the hierarchical and adaptive
 samplers (default backend) at ``--speed-high-score-thresh``, with the share of masks matched at IoU >= 0.95
 both ways. The student's weights are the seeded reference state dict of ``tests/reference``: their logits stay
-within about ±0.5 at 1024 px, so no mask is stable and none passes SAM's 0.88 / 0.95; with
-``--speed-pred-iou-thresh 0.19 --speed-stability-score-thresh 0 --speed-high-score-thresh 0.35`` about
-100 masks an image pass, and the samplers find covered regions to skip.
+within about ±0.5 at 1024 px, so no mask is stable and none passes SAM's 0.88 / 0.95, and every mask
+spans most of the image, so that box NMS keeps one; with ``--speed-pred-iou-thresh 0.19
+--speed-stability-score-thresh 0 --speed-box-nms-thresh 1 --speed-high-score-thresh 0.35`` about 100
+masks an image pass and are compared.
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ def speed_part(args: argparse.Namespace, kwargs: dict) -> None:
         "points_per_side": args.speed_points,
         "pred_iou_thresh": args.speed_pred_iou_thresh,
         "stability_score_thresh": args.speed_stability_score_thresh,
+        "box_nms_thresh": args.speed_box_nms_thresh,
     }
     with tempfile.TemporaryDirectory() as tmp:
         int8 = quantized_onnx(calibration, weights, Path(tmp))
@@ -299,6 +301,7 @@ def main() -> None:
     parser.add_argument(
         "--speed-high-score-thresh", type=float, default=8.5, help="the samplers' coverage logit at 1024 px (paper's)"
     )
+    parser.add_argument("--speed-box-nms-thresh", type=float, default=0.7, help="SAM's; 1 turns NMS off")
     args = parser.parse_args()
     torch.manual_seed(0)
     kwargs = {
