@@ -17,8 +17,8 @@ validation images with the shipped distilled toy student:
    the held-out validation images are annotated the second way with the fine-tuned student.
 
 Per way: clicks per object (mean; an object not reached costs ``--max-clicks``), objects reaching the
-target, the mean IoU of the masks left (an annotator out of clicks undoes back to its best mask), proposals
-kept as they are, proposals deleted per image, and the model's seconds per image on this CPU (encoder,
+target, the mean IoU of the masks left (an annotator out of clicks undoes back to its best mask), objects
+taken from a proposal at the target with no click, proposals deleted per image, and the model's seconds per image on this CPU (encoder,
 proposals, every click's decoder).
 """
 
@@ -72,7 +72,7 @@ def summary(way: str, results: list[AnnotatedImage], target: float) -> list:
         float(np.mean([o.clicks for o in objects])),
         f"{100 * np.mean([o.iou >= target for o in objects]):.1f}",
         float(np.mean([o.iou for o in objects])),
-        f"{sum(o.source == 'auto' for o in objects)} of {len(objects)}",
+        f"{sum(o.source == 'auto' and o.clicks == 0 for o in objects)} of {len(objects)}",
         float(np.mean([r.deleted for r in results])),
         float(np.mean([r.model_seconds for r in results])),
     ]
