@@ -166,7 +166,7 @@ def main() -> None:
         "clicks per object",
         f"objects at IoU >= {args.target} (%)",
         "mean IoU",
-        "proposals kept as they are",
+        "objects from a proposal, no click",
         "proposals deleted per image",
         "model s / image",
     ]
