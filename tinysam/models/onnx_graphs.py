@@ -13,8 +13,8 @@ A float model's decoder is also written split in two, as the factored decoder co
 (:mod:`tinysam.models.factored_decoder`): ``decoder_image.onnx`` runs once per image on its embedding
 (the prompt-independent image-side work: :data:`IMAGE_SIDE`), ``decoder_prompt.onnx`` once per click on
 those tensors and the points (:data:`PROMPT_INPUTS`), returning the IoU predictions and low-res logits of
-all four outputs, without a mask input. A page whose decoder runs at every click does a third of SAM's
-decoder's work there.
+all four outputs, without a mask input. A page whose decoder runs at every click computes half of SAM's
+decoder's FLOPs there, and never copies the image embedding per prompt.
 """
 
 from __future__ import annotations
