@@ -18,7 +18,8 @@ validation images with the shipped distilled toy student:
 
 Per way: clicks per object (mean; an object not reached costs ``--max-clicks``), objects reaching the
 target, the mean IoU of the masks left (an annotator out of clicks undoes back to its best mask), objects
-taken from a proposal at the target with no click, proposals deleted per image, and the model's seconds per image on this CPU (encoder,
+taken from a proposal at the target with no click, proposals deleted per image, and the model's seconds per
+image on this CPU (encoder,
 proposals, every click's decoder).
 """
 

@@ -88,7 +88,7 @@ def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -
     side = meta["mask_side"]
     feed = decoder_feed(embedding, np.array([[[size / 2, size / 2]]]), np.array([[1]]), None, None, (side, side), side)
     if decoder == "split":
-        image_part, prompt_part = (onnx_session(bundle.folder / name, threads) for name in (DECODER_IMAGE, DECODER_PROMPT))
+        image_part, prompt_part = (onnx_session(bundle.folder / n, threads) for n in (DECODER_IMAGE, DECODER_PROMPT))
         image_part.run(None, {"image_embeddings": embedding})
         encode_ms += median_ms(lambda: image_part.run(None, {"image_embeddings": embedding}), runs)
         feed = dict(zip(IMAGE_SIDE, image_part.run(None, {"image_embeddings": embedding}))) | {

@@ -470,7 +470,8 @@ def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
     tuned = load_model("tinyvit_toy", student)
     bundle = prepare(student, "tinyvit_toy", None, "browser", tmp_path / "cache")
     store = AnnotationStore(out.parent / "images", out)
-    with AnnotateServer(bundle, store, Proposer(tuned, {"stability_score_thresh": 0.5}, points_per_side=8), port=0) as server:
+    proposer = Proposer(tuned, {"stability_score_thresh": 0.5}, points_per_side=8)
+    with AnnotateServer(bundle, store, proposer, port=0) as server:
         info = json.loads(request(server, "GET", "/model/info.json")[1])
         assert info["name"] == bundle.folder.name != "" and bundle.folder.name.startswith("tinyvit_toy-")
         status, body = request(server, "POST", "/api/propose/toy_3", b"{}")

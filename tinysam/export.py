@@ -149,9 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"export: checkpoint=random: exporting randomly initialised {name} weights (for tests and timing only)")
     model = load_model(name, args["checkpoint"])
     record = export(model, args["out"], images, architecture=name, checkpoint=str(args["checkpoint"]))
-    print(
-        f"wrote {Path(args['out']) / ENCODER} and {DECODER}; max abs diff vs PyTorch: {record['max_abs_diff_vs_pytorch']}"
-    )
+    files = ", ".join(sorted(path.name for path in Path(args["out"]).glob("*.onnx")))
+    print(f"wrote {files} to {args['out']}; max abs diff vs PyTorch: {record['max_abs_diff_vs_pytorch']}")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ class AnnotationStore:
             self.entries[path.stem] = ImageEntry(path, *image_size(path))
 
     def entry(self, stem: str) -> ImageEntry:
-        """The image named ``stem``; a ``KeyError`` for any name not listed (nothing outside the folder is reachable)."""
+        """The image named ``stem``; a ``KeyError`` for any name not listed (nothing outside the folder is
+        reachable)."""
         if stem not in self.entries:
             raise KeyError(f"{stem!r} is not an image of {self.images_dir}")
         return self.entries[stem]

@@ -152,7 +152,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["peak_memory_mib"] = peak_memory_mib(trainer.strategy.root_device)
     metrics["global_step"] = trainer.global_step
     for what, count in module.read.items():  # summed over processes; a resumed run counts from its resumption
-        total = trainer.strategy.reduce(torch.tensor(float(count), device=trainer.strategy.root_device), reduce_op="sum")
+        total = torch.tensor(float(count), device=trainer.strategy.root_device)
+        total = trainer.strategy.reduce(total, reduce_op="sum")
         metrics[f"train_{what}_read"] = int(total.item())
     metrics["threads"] = torch.get_num_threads()
     if trainer.is_global_zero:
