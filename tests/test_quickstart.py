@@ -115,6 +115,7 @@ def test_the_quick_start_installs_the_core_dependencies_alone():
         ["quantize.py"],
         ["-m", "tinysam.export"],
         ["-m", "tinysam.demo"],
+        ["-m", "tinysam.annotate"],
     ], commands
 
 
@@ -141,31 +142,72 @@ def test_each_quick_start_command_runs_on_the_core_install(tmp_path, core_python
     assert "Traceback" not in out
 
 
-def test_the_quick_start_demo_serves_its_page_on_the_core_install(tmp_path, core_python):
-    """The last quick-start command serves forever: start it on a free port, fetch the page and the model, stop it."""
-    _, commands = quick_start_commands()
+def serve(python: str, words: list[str], cwd: Path, ready: str) -> tuple[subprocess.Popen, str]:
+    """Start a serving quick-start command on a free port; its process and URL once it prints ``ready``."""
     proc = subprocess.Popen(
-        [core_python, *commands[4], "port=0"],
-        cwd=tmp_path,
+        [python, *words, "port=0"],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**CLEAN_ENV, "HOME": str(tmp_path)},
+        env={**CLEAN_ENV, "HOME": str(cwd)},
     )
+    lines = []
+    for line in proc.stdout:  # export messages, then "<name>: ... at URL"
+        lines.append(line)
+        if line.startswith(ready):
+            break
+    if not lines or not lines[-1].startswith(ready):
+        proc.terminate()
+        pytest.fail("".join(lines))
+    return proc, lines[-1].split(" at ")[-1].strip()
+
+
+def test_the_quick_start_demo_serves_its_page_on_the_core_install(tmp_path, core_python):
+    """A serving quick-start command runs until stopped: start it on a free port, fetch the page and the model."""
+    _, commands = quick_start_commands()
+    proc, url = serve(core_python, commands[4], tmp_path, "demo: serving")
     try:
-        lines = []
-        for line in proc.stdout:  # export messages, then "demo: serving ... at URL"
-            lines.append(line)
-            if line.startswith("demo: serving"):
-                break
-        assert lines and lines[-1].startswith("demo: serving"), "".join(lines)
-        url = lines[-1].split(" at ")[-1].strip()
         with urllib.request.urlopen(url, timeout=30) as response:
             assert "TinySAM in the browser" in response.read().decode()
         with urllib.request.urlopen(url + "model/info.json", timeout=30) as response:
             assert json.load(response)["image_size"] == 256
         with urllib.request.urlopen(url + "static/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm", timeout=30) as r:
             assert r.headers["Content-Type"] == "application/wasm" and len(r.read()) > 1_000_000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_quick_start_annotator_serves_a_folder_on_the_core_install(tmp_path, core_python):
+    """``python -m tinysam.annotate images=DIR out=DIR`` with two toy images: the page, the list, a save."""
+    from PIL import Image
+
+    from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
+
+    _, commands = quick_start_commands()
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(generate_image(image_rng(0, "val", i), ToyWorldConfig(out="unused")).image).save(
+            images / f"{i}.png"
+        )
+    words = [
+        f"images={images}" if w == "images=DIR" else f"out={tmp_path / 'labels'}" if w == "out=DIR" else w
+        for w in commands[5]
+    ]
+    proc, url = serve(core_python, words, tmp_path, "annotate:")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert "TinySAM annotator" in response.read().decode()
+        with urllib.request.urlopen(url + "api/images", timeout=30) as response:
+            assert [row["state"] for row in json.load(response)["images"]] == ["not started"] * 2
+        save = urllib.request.Request(
+            url + "api/annotations/0", json.dumps({"version": "", "objects": []}).encode(), method="PUT"
+        )
+        with urllib.request.urlopen(save, timeout=30) as response:
+            assert json.load(response)["objects"] == 0
+        assert (tmp_path / "labels" / "0.json").is_file() and (tmp_path / "labels" / "0.png").is_file()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
