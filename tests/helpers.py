@@ -110,3 +110,16 @@ def hiding_env(folder: Path, modules: list[str]) -> dict[str, str]:
     """Environment variables under which ``python`` cannot import ``modules``, as if they were not installed."""
     (folder / "sitecustomize.py").write_text(HIDING_GUARD)
     return {"PYTHONPATH": str(folder), "TINYSAM_HIDDEN_MODULES": json.dumps(sorted(modules))}
+
+
+def open_page(browser, url: str, viewport: tuple[int, int] = (1200, 1000)):
+    """A page of ``url`` in the WASM runtime once it says it is ready; ``page.errors`` collects its uncaught
+    errors, and its confirmation dialogs are accepted."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(url + "?ep=wasm")
+    page.wait_for_selector("body[data-ready=true]", timeout=120_000)
+    page.errors = errors
+    return page

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fails_in_one_line, run_script_ok
+from helpers import fails_in_one_line, open_page, run_script_ok
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -333,17 +333,6 @@ def test_command_fails_in_one_line(tmp_path, folder):
 # ---- the page in Chromium --------------------------------------------------------------------
 
 
-def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.on("dialog", lambda dialog: dialog.accept())
-    page.goto(url + "?ep=wasm")
-    page.wait_for_selector("body[data-ready=true]", timeout=120_000)
-    page.errors = errors
-    return page
-
-
 def open_image(page, stem: str) -> None:
     page.click(f"#images button[data-stem='{stem}']")
     page.evaluate("window.annotator.idle()")
@@ -366,7 +355,7 @@ def test_annotate_save_reload_propose_and_train_in_the_browser(
     out = tmp_path / "out"
     store = AnnotationStore(folder, out)
     with AnnotateServer(bundle, store, proposer, port=0) as server:
-        page = open_page(browser, server.url)
+        page = open_page(browser, server.url, (1400, 1100))
         assert page.inner_text("#images").count("not started") == 4 and "unreadable image" in page.inner_text("#images")
         made = {}
         for i in (0, 1):  # clicks on two ground-truth objects per image, one named
@@ -482,7 +471,7 @@ def check_fine_tune(out: Path, tmp_path: Path, record_counts: dict) -> None:
 def test_two_tabs_conflict_in_the_page(browser, bundle, folder, tmp_path, toys):
     store = AnnotationStore(folder, tmp_path / "out")
     with AnnotateServer(bundle, store, None, port=0) as server:
-        first, second = open_page(browser, server.url), open_page(browser, server.url)
+        first, second = open_page(browser, server.url, (1400, 1100)), open_page(browser, server.url, (1400, 1100))
         for page, target in ((first, toys[0].instances[0]), (second, toys[0].instances[1])):
             open_image(page, "toy_0")
             click(page, *target.point)

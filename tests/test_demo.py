@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import open_page
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -54,16 +55,6 @@ def reference_predictor(kind: str, bundle) -> Predictor:
     if kind == "int8":
         return Predictor(load_model("tinyvit_toy", bundle.folder), backend="onnx", onnx_dir=bundle.folder)
     return Predictor(load_model("tinyvit_toy", STUDENT))
-
-
-def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1200, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(url + "?ep=wasm")
-    page.wait_for_selector("body[data-ready=true]", timeout=120_000)
-    page.errors = errors
-    return page
 
 
 def load_image(page, path: Path) -> None:

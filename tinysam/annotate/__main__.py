@@ -10,9 +10,8 @@ from tinysam.annotate.coco import export_coco, import_coco
 from tinysam.annotate.propose import Proposer
 from tinysam.annotate.server import MAX_REQUEST_BYTES, AnnotateServer
 from tinysam.annotate.store import AnnotationStore
-from tinysam.assets import asset_path
 from tinysam.config import one_line_errors, parse_keys
-from tinysam.demo.bundle import prepare
+from tinysam.demo.bundle import model_source, prepare
 from tinysam.eval.everything import generator_settings
 from tinysam.loader import load_model
 from tinysam.models.onnx_graphs import METADATA
@@ -55,13 +54,7 @@ def proposer_for(args: dict, folder: Path | None) -> Proposer | None:
 
 
 def serve(args: dict) -> None:
-    sources = [key for key in ("checkpoint", "quantized", "onnx") if key in args]
-    if len(sources) > 1:
-        raise ValueError(f"annotate: give one of {' / '.join(sources)}; usage: {USAGE}")
-    if not sources:  # a fresh clone: the shipped distilled toy student
-        args.setdefault("checkpoint", asset_path("toy_student.safetensors"))
-        args.setdefault("model", "tinyvit_toy")
-    args.setdefault("model", "tinyvit_5m")
+    args = model_source(args, "annotate", USAGE)
     folder = args.get("quantized", args.get("onnx"))
     store = AnnotationStore(args["images"], args["out"])
     store.clean()

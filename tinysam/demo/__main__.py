@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tinysam.assets import asset_path
 from tinysam.config import one_line_errors, parse_keys
-from tinysam.demo.bundle import prepare
+from tinysam.demo.bundle import model_source, prepare
 from tinysam.demo.server import DemoServer
 
 KEYS = ("checkpoint", "model", "quantized", "onnx", "encoder", "host", "port", "out")
@@ -19,16 +18,10 @@ USAGE = (
 
 @one_line_errors()
 def main(argv: list[str] | None = None) -> None:
-    args = parse_keys(sys.argv[1:] if argv is None else argv, "demo", USAGE, KEYS)
-    sources = [key for key in ("checkpoint", "quantized", "onnx") if key in args]
-    if len(sources) > 1:
-        raise ValueError(f"demo: give one of {' / '.join(sources)}; usage: {USAGE}")
-    if not sources:  # a fresh clone: the shipped distilled toy student
-        args.setdefault("checkpoint", asset_path("toy_student.safetensors"))
-        args.setdefault("model", "tinyvit_toy")
+    args = model_source(parse_keys(sys.argv[1:] if argv is None else argv, "demo", USAGE, KEYS), "demo", USAGE)
     bundle = prepare(
         args.get("checkpoint"),
-        args.get("model", "tinyvit_5m"),
+        args["model"],
         args.get("quantized", args.get("onnx")),
         args.get("encoder", "browser"),
         Path(args.get("out", "outputs/demo")),

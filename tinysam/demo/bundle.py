@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from tinysam.assets import asset_path
 from tinysam.backends import onnx_session
 from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.export import export
@@ -22,6 +23,7 @@ from tinysam.loader import load_model
 from tinysam.models.onnx_graphs import DECODER, DECODER_IMAGE, DECODER_PROMPT, ENCODER, METADATA
 
 ENCODER_MODES = ("browser", "server")
+SOURCES = ("checkpoint", "quantized", "onnx")
 METADATA_KEYS = ("image_size", "pixel_mean", "pixel_std", "mask_threshold", "embedding_shape", "mask_side")
 
 
@@ -100,6 +102,19 @@ def export_checkpoint(model_name: str, checkpoint: str | Path, out: Path, encode
     bundle = read_folder(folder, encoder_mode, "exported model")
     bundle.encode = torch_encoder(model) if encoder_mode == "server" else None
     return bundle
+
+
+def model_source(args: dict[str, Any], prog: str, usage: str) -> dict[str, Any]:
+    """A command's ``key=value`` arguments with one model source (``checkpoint`` + ``model``, ``quantized`` or
+    ``onnx``): the shipped distilled toy student when none is given, a one-line error when two are."""
+    sources = [key for key in SOURCES if key in args]
+    if len(sources) > 1:
+        raise ValueError(f"{prog}: give one of {' / '.join(sources)}; usage: {usage}")
+    if not sources:  # a fresh clone: the shipped distilled toy student
+        args.setdefault("checkpoint", asset_path("toy_student.safetensors"))
+        args.setdefault("model", "tinyvit_toy")
+    args.setdefault("model", "tinyvit_5m")
+    return args
 
 
 def prepare(

@@ -1,5 +1,6 @@
 // The annotator: a folder's images, each with a list of objects made from clicks and boxes with the model in
 // the page, or proposed by the server's generator; saved as SA-1B JSON through the server's versioned saves.
+import { drawPrompts } from "./draw.js";
 import { BrowserSam, readImage, tint } from "./model.js";
 import { cocoRle, decodeRle } from "./sam.js";
 
@@ -7,7 +8,6 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const DRAG_PIXELS = 4;
 const PALETTE = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [0, 128, 128], [170, 110, 40], [128, 0, 0], [0, 0, 128]];
-const COLORS = { positive: "#16a34a", negative: "#dc2626", box: "#f59e0b" };
 
 const state = {
   images: [], // the server's listing: {stem, name, state, objects, error}
@@ -335,25 +335,7 @@ function render() {
   }
   const sx = canvas.width / image.width;
   const sy = canvas.height / image.height;
-  if (object?.box) {
-    context.strokeStyle = COLORS.box;
-    context.lineWidth = 2;
-    context.strokeRect(object.box.x0 * sx, object.box.y0 * sy, (object.box.x1 - object.box.x0) * sx, (object.box.y1 - object.box.y0) * sy);
-  }
-  if (dragging?.moved) {
-    context.setLineDash([5, 4]);
-    context.strokeStyle = COLORS.box;
-    context.strokeRect(dragging.x * sx, dragging.y * sy, (dragging.cx - dragging.x) * sx, (dragging.cy - dragging.y) * sy);
-    context.setLineDash([]);
-  }
-  for (const p of object?.points ?? []) {
-    context.fillStyle = p.label ? COLORS.positive : COLORS.negative;
-    context.beginPath();
-    context.arc(p.x * sx, p.y * sy, 5, 0, 2 * Math.PI);
-    context.fill();
-    context.strokeStyle = "white";
-    context.stroke();
-  }
+  drawPrompts(context, object?.points ?? [], object?.box ?? null, dragging, sx, sy);
 }
 
 function renderObjects() {

@@ -1,12 +1,13 @@
 // The demo page: open an image, encode it once, then decode clicks and boxes live.
 // The model runs in the page (model.js); URL options: ?ep=wasm|webgpu&threads=N.
+import { drawPrompts } from "./draw.js";
 import { BrowserSam, readImage, tint } from "./model.js";
 import { cocoRle } from "./sam.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const DRAG_PIXELS = 4; // a press that moves further than this (on screen) draws a box
-const COLORS = { mask: [37, 99, 235], positive: "#16a34a", negative: "#dc2626", box: "#f59e0b" };
+const COLORS = { mask: [37, 99, 235] };
 
 const state = {
   image: null, // {name, width, height, bitmap}
@@ -176,25 +177,7 @@ function render() {
   const sx = canvas.width / width;
   const sy = canvas.height / height;
   const { points, box } = prompts();
-  if (box) {
-    context.strokeStyle = COLORS.box;
-    context.lineWidth = 2;
-    context.strokeRect(box.x0 * sx, box.y0 * sy, (box.x1 - box.x0) * sx, (box.y1 - box.y0) * sy);
-  }
-  if (dragging?.moved) {
-    context.setLineDash([5, 4]);
-    context.strokeStyle = COLORS.box;
-    context.strokeRect(dragging.x * sx, dragging.y * sy, (dragging.cx - dragging.x) * sx, (dragging.cy - dragging.y) * sy);
-    context.setLineDash([]);
-  }
-  for (const p of points) {
-    context.fillStyle = p.label ? COLORS.positive : COLORS.negative;
-    context.beginPath();
-    context.arc(p.x * sx, p.y * sy, 5, 0, 2 * Math.PI);
-    context.fill();
-    context.strokeStyle = "white";
-    context.stroke();
-  }
+  drawPrompts(context, points, box, dragging, sx, sy);
 }
 
 function renderChoices() {
