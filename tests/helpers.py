@@ -123,3 +123,17 @@ def open_page(browser, url: str, viewport: tuple[int, int] = (1200, 1000)):
     page.wait_for_selector("body[data-ready=true]", timeout=120_000)
     page.errors = errors
     return page
+
+
+def predicted(predictor, saved: dict):
+    """``Predictor.predict``'s multimask outputs (masks, scores) and the index of the best, for a saved object's or
+    a page record's prompts (``point_coords``, ``point_labels``, ``box``)."""
+    import numpy as np
+
+    kwargs = {}
+    if saved["point_coords"]:
+        kwargs.update(point_coords=np.array(saved["point_coords"]), point_labels=np.array(saved["point_labels"]))
+    if saved["box"]:
+        kwargs["boxes"] = np.array(saved["box"])
+    masks, scores, _ = predictor.predict(multimask_output=True, **kwargs)
+    return masks, scores, int(np.argmax(scores))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import open_page
+from helpers import open_page, predicted
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -89,17 +89,11 @@ def check_against_python(page, predictor: Predictor, threshold: float, iou_toler
     """The page's mask for its current prompts vs Predictor.predict on the same prompts."""
     page.evaluate("window.demo.idle()")
     record = page.evaluate("window.demo.record()")
-    kwargs = {}
-    if record["point_coords"]:
-        kwargs.update(point_coords=np.array(record["point_coords"]), point_labels=np.array(record["point_labels"]))
-    if record["box"]:
-        kwargs["boxes"] = np.array(record["box"])
-    masks, scores, _ = predictor.predict(multimask_output=True, **kwargs)
-    best = int(np.argmax(scores))
+    masks, scores, best = predicted(predictor, record)
     ours = page_mask(record)
     assert record["multimask_index"] == best, (record["multimask_index"], scores)
     assert ours.shape == masks[best].shape and record["area"] == ours.sum()
-    assert iou(ours, masks[best]) >= threshold, (iou(ours, masks[best]), kwargs)
+    assert iou(ours, masks[best]) >= threshold, (iou(ours, masks[best]), record)
     assert abs(record["predicted_iou"] - scores[best]) < iou_tolerance, (record["predicted_iou"], scores[best])
     return record
 

@@ -1,7 +1,7 @@
 // The annotator: a folder's images, each with a list of objects made from clicks and boxes with the model in
 // the page, or proposed by the server's generator; saved as SA-1B JSON through the server's versioned saves.
 import { drawPrompts } from "./draw.js";
-import { BrowserSam, readImage, tint } from "./model.js";
+import { BrowserSam, readImage, settled, tint } from "./model.js";
 import { cocoRle, decodeRle } from "./sam.js";
 
 const $ = (id) => document.getElementById(id);
@@ -468,13 +468,7 @@ window.annotator = {
   info,
   state,
   /** Resolves once every queued load, decode and save has finished. */
-  idle: async () => {
-    let seen;
-    do {
-      seen = queue;
-      await seen;
-    } while (seen !== queue);
-  },
+  idle: () => settled(() => queue),
   /** The current image's objects as a save sends them. */
   objects: () => state.objects.map(toSaved),
   open: openImage,

@@ -1,7 +1,7 @@
 // The demo page: open an image, encode it once, then decode clicks and boxes live.
 // The model runs in the page (model.js); URL options: ?ep=wasm|webgpu&threads=N.
 import { drawPrompts } from "./draw.js";
-import { BrowserSam, readImage, tint } from "./model.js";
+import { BrowserSam, readImage, settled, tint } from "./model.js";
 import { cocoRle } from "./sam.js";
 
 const $ = (id) => document.getElementById(id);
@@ -320,13 +320,7 @@ window.demo = {
   runtime: { ep: sam.runtime.ep, threads: sam.runtime.threads },
   state,
   /** Resolves once every queued image load and decode has finished. */
-  idle: async () => {
-    let seen;
-    do {
-      seen = queue;
-      await seen;
-    } while (seen !== queue);
-  },
+  idle: () => settled(() => queue),
   /** The current mask as the downloadable record (COCO RLE), or null. */
   record: () => (state.result ? record() : null),
   /** Milliseconds of `runs` encoder runs on the current image's input, after one warm-up run. */

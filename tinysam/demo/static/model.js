@@ -71,6 +71,15 @@ export function tint(values, width, height, test, rgba) {
   return layer;
 }
 
+/** Resolves once `current()`, a page's chain of queued tasks, has settled with nothing queued after it. */
+export async function settled(current) {
+  let seen;
+  do {
+    seen = current();
+    await seen;
+  } while (seen !== current());
+}
+
 async function timed(run, runs) {
   await run();
   const times = [];
