@@ -16,7 +16,6 @@ only with ``replace=True``, and then kept as ``<stem>.json.replaced-<digest>``.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import math
 import os
 import shutil
@@ -31,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from tinysam.data.masks import decode_rle
 from tinysam.data.sa1b import BadSample, read_annotations, sa1b_record, write_sa1b
 from tinysam.data.transforms import list_images
+from tinysam.io import file_sha256
 from tinysam.version import __version__
 
 SOURCES = ("manual", "auto", "edited", "imported")  # who made an object: clicks, a generator, both, another tool
@@ -76,7 +76,7 @@ def image_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
 
 def version_of(path: Path) -> str:
     """The version a save must name: the SHA-256 of the file's bytes, ``""`` for no file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return file_sha256(path) if path.is_file() else ""
 
 
 def clean_object(obj: dict[str, Any], size: tuple[int, int], where: str) -> dict[str, Any]:
