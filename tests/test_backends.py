@@ -90,11 +90,12 @@ def test_openvino_refuses_an_int8_folder_in_one_line(tmp_path, toy_model):
 
 def test_export_is_checked_against_pytorch(toy_onnx):
     out, record = toy_onnx
-    names = {"encoder.onnx", "decoder.onnx", "decoder_image.onnx", "decoder_prompt.onnx", "export.json"}
+    names = {"encoder.onnx", "decoder.onnx", "decoder_image.onnx", "decoder_prompt.onnx", "decoder_preview.onnx"}
+    names.add("export.json")
     assert {p.name for p in out.iterdir()} == names
     assert json.loads((out / "export.json").read_text()) == record
     diffs = record["max_abs_diff_vs_pytorch"]
-    assert set(diffs) == {"embedding", "low_res_logits", "iou", "split_low_res_logits", "split_iou"}
+    assert set(diffs) == {"embedding", "low_res_logits", "iou", "split_low_res_logits", "split_iou", "preview_low_res_logits"}
     assert max(diffs.values()) < 1e-3
 
 
@@ -140,9 +141,11 @@ def test_export_cli_on_reference_weights(tmp_path, reference_dir):
     assert record["checked_on"] == [p.name for p in photos()]
     diffs = record["max_abs_diff_vs_pytorch"]
     # the figures the docs state (Fast inference and export): embedding 1e-5, low-res logits and IoU 1e-6; the split
-    # decoder sums in another order (the factored decoder's maths): 2e-6 and 1e-6 (measured 6.9e-7 and 3.6e-7)
+    # decoder sums in another order (the factored decoder's maths): 2e-6 and 1e-6 (measured 6.9e-7 and 3.6e-7); its
+    # hover preview is every fourth of those logits
     assert diffs["embedding"] <= 1e-5 and diffs["low_res_logits"] <= 1e-6 and diffs["iou"] <= 1e-6, diffs
     assert diffs["split_low_res_logits"] <= 2e-6 and diffs["split_iou"] <= 1e-6, diffs
+    assert diffs["preview_low_res_logits"] <= 2e-6, diffs
 
 
 def test_unknown_backend_and_mask_only_onnx(toy_model, toy_onnx):
@@ -177,6 +180,13 @@ def test_factored_decoder_matches_sams_decoder(reference_student):
             assert ours.shape == logits.shape == (7, 3 if multimask else 1, 256, 256)
             torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(our_iou, iou, atol=1e-5, rtol=1e-4)
+        # the hover preview: every fourth logit, pixel (4i + 2, 4j + 2), at a sixth of the upscaling's work
+        side = factored.image_side(features + dense[:1], kwargs["image_pe"])
+        outputs = slice(1, None) if multimask else slice(0, 1)
+        preview, preview_iou = factored.prompt_side(sparse, side, 64, 64, preview=True)
+        assert preview.shape == (7, 4, 64, 64)
+        torch.testing.assert_close(preview[:, outputs], logits[..., 2::4, 2::4], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(preview_iou[:, outputs], iou, atol=1e-5, rtol=1e-4)
         empty = factored(dense_prompt_embeddings=dense[:1], **{**kwargs, "sparse_prompt_embeddings": sparse[:0]})
         assert [t.shape for t in empty] == [(0, 3, 256, 256), (0, 3)]
         with pytest.raises(ValueError, match="one image"):

@@ -137,6 +137,7 @@ def test_page_masks_match_predictor(browser, bundles, toy_images, tmp_path, kind
             check_downloads(page, third, tmp_path)
             check_undo_clear_and_choice(page)
             check_preprocessing(page, predictor.model, image)
+            check_preview(page, predictor, target.point)
             check_hover_and_drop(page, on_canvas(page, *target.point, size), path)
         assert page.errors == []
         page.close()
@@ -166,6 +167,17 @@ def check_undo_clear_and_choice(page) -> None:
     page.click("#clear")
     page.evaluate("window.demo.idle()")
     assert page.evaluate("window.demo.record()") is None
+
+
+def check_preview(page, predictor: Predictor, point: tuple[float, float]) -> None:
+    """The hover preview's decoder gives every fourth of Python's low-res logits, pixel (4i + 2, 4j + 2)."""
+    x, y = (float(v) for v in point)
+    preview = page.evaluate("([x, y]) => window.demo.decode([{x, y, label: 1}], null, true)", [x, y])
+    _, scores, low_res = predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
+    side = low_res.shape[-1] // 4
+    ours = np.array(preview["lowRes"], np.float32).reshape(3, side, side)
+    assert np.abs(ours - low_res[:, 2::4, 2::4]).max() < 1e-3
+    assert np.abs(np.array(preview["iou"]) - scores).max() < 1e-4 and preview["chosen"] == int(np.argmax(scores))
 
 
 def check_hover_and_drop(page, at: tuple[float, float], path: Path) -> None:

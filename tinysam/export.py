@@ -28,10 +28,12 @@ from tinysam.loader import RANDOM, load_model
 from tinysam.models.onnx_graphs import (
     DECODER,
     DECODER_IMAGE,
+    DECODER_PREVIEW,
     DECODER_PROMPT,
     ENCODER,
     IMAGE_SIDE,
     METADATA,
+    SPLIT_DECODER,
     decoder_feed,
     export_decoder,
     export_encoder,
@@ -49,7 +51,7 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
     import onnx
     import onnxruntime as ort
 
-    names = [name for name in (ENCODER, DECODER, DECODER_IMAGE, DECODER_PROMPT) if (out / name).is_file()]
+    names = [name for name in (ENCODER, DECODER, *SPLIT_DECODER) if (out / name).is_file()]
     for name in names:
         onnx.checker.check_model(str(out / name), full_check=True)
     session = {name: ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"]) for name in names}
@@ -57,7 +59,7 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
     predictor = Predictor(model)
     worst = {"low_res_logits": 0.0, "iou": 0.0} | ({"embedding": 0.0} if encoder else {})
     if DECODER_PROMPT in session:
-        worst |= {"split_low_res_logits": 0.0, "split_iou": 0.0}
+        worst |= {"split_low_res_logits": 0.0, "split_iou": 0.0, "preview_low_res_logits": 0.0}
     for image in images:
         rgb = load_image(image) if isinstance(image, Path) else image
         predictor.set_image(rgb)
@@ -87,6 +89,10 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
                     worst["split_low_res_logits"], float(np.abs(split_low[:, 1:] - low_res).max())
                 )
                 worst["split_iou"] = max(worst["split_iou"], float(np.abs(split_iou[:, 1:] - iou).max()))
+                _, preview = session[DECODER_PREVIEW].run(None, side | prompt)
+                worst["preview_low_res_logits"] = max(
+                    worst["preview_low_res_logits"], float(np.abs(preview[:, 1:] - low_res[..., 2::4, 2::4]).max())
+                )
     return worst
 
 
@@ -109,8 +115,7 @@ def export(
             export_encoder(model, work / ENCODER)
         export_decoder(model, work / DECODER)
         try:
-            export_split_decoder(model, work)
-            names += [DECODER_IMAGE, DECODER_PROMPT]
+            names += [path.name for path in export_split_decoder(model, work)]
         except TypeError:  # a quantized decoder: decoder.onnx alone
             pass
         diffs = check_against_torch(model, work, images)

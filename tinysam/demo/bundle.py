@@ -20,7 +20,7 @@ from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.export import export
 from tinysam.io import file_sha256
 from tinysam.loader import load_model
-from tinysam.models.onnx_graphs import DECODER, DECODER_IMAGE, DECODER_PROMPT, ENCODER, METADATA
+from tinysam.models.onnx_graphs import DECODER, ENCODER, METADATA, SPLIT_DECODER
 
 ENCODER_MODES = ("browser", "server")
 SOURCES = ("checkpoint", "quantized", "onnx")
@@ -38,13 +38,13 @@ class Bundle:
 
     @property
     def split_decoder(self) -> bool:
-        """Whether the folder holds the split decoder (``decoder_image.onnx`` + ``decoder_prompt.onnx``)."""
-        return all((self.folder / name).is_file() for name in (DECODER_IMAGE, DECODER_PROMPT))
+        """Whether the folder holds the split decoder (image half, click half and its preview)."""
+        return all((self.folder / name).is_file() for name in SPLIT_DECODER)
 
     def files(self) -> dict[str, Path]:
         """The model files the server may send, by name."""
         names = [DECODER] + ([ENCODER] if self.encoder_mode == "browser" else [])
-        names += [DECODER_IMAGE, DECODER_PROMPT] if self.split_decoder else []
+        names += list(SPLIT_DECODER) if self.split_decoder else []
         return {name: self.folder / name for name in names}
 
 
@@ -95,7 +95,7 @@ def export_checkpoint(model_name: str, checkpoint: str | Path, out: Path, encode
     model = load_model(model_name, checkpoint)
     record = json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {}
     stale = any(record.get(k) != v for k, v in key.items()) or record.get("with_encoder") != with_encoder
-    if stale or not all((folder / name).is_file() for name in (DECODER_IMAGE, DECODER_PROMPT)):
+    if stale or not all((folder / name).is_file() for name in SPLIT_DECODER):
         print(f"demo: exporting {model_name} from {checkpoint} to {folder}", flush=True)
         check_image = generate_image(image_rng(0, "val", 0), ToyWorldConfig(out="unused")).image
         export(model, folder, [check_image], with_encoder, checkpoint=str(checkpoint), **key)

@@ -267,13 +267,21 @@ class FactoredMaskDecoder(nn.Module):
         ]
         return self.pixel_order(torch.stack(per_prompt), height, width)
 
-    def upscale_rows(self, rows: Tensor) -> Tensor:
+    def upscale_rows(self, rows: Tensor, preview: bool = False) -> Tensor:
         """``output_upscaling`` of image-token rows (R, C): (R x 16, C/8) rows in (token, a, b, c, d) order, where
-        a 2x2 stride-2 transposed convolution maps each token to its 2x2 block: (C_in, [a, b, C_out])."""
+        a 2x2 stride-2 transposed convolution maps each token to its 2x2 block: (C_in, [a, b, C_out]).
+
+        A ``preview`` computes one of each token's 16 pixels, (a, b, c, d) = (1, 1, 0, 0), i.e. pixel
+        (4i + 2, 4j + 2) of the upscaled grid: (R, C/8) rows, a quarter of the first convolution's work and a
+        sixteenth of the rest (the transposed convolutions act on each token's pixels independently)."""
         conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
         c1, c2 = conv1.out_channels, conv2.out_channels
-        w1, b1 = conv1.weight.permute(0, 2, 3, 1).reshape(rows.shape[-1], 4 * c1), conv1.bias.repeat(4)
-        w2, b2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2), conv2.bias.repeat(4)
+        if preview:
+            w1, b1 = conv1.weight[:, :, 1, 1], conv1.bias
+            w2, b2 = conv2.weight[:, :, 0, 0], conv2.bias
+        else:
+            w1, b1 = conv1.weight.permute(0, 2, 3, 1).reshape(rows.shape[-1], 4 * c1), conv1.bias.repeat(4)
+            w2, b2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2), conv2.bias.repeat(4)
         up = torch.addmm(b1, rows, w1).view(-1, c1)
         up = act1(F.layer_norm(up, (c1,), norm.weight, norm.bias, norm.eps))
         return act2(torch.addmm(b2, up, w2)).view(-1, c2)
@@ -287,11 +295,19 @@ class FactoredMaskDecoder(nn.Module):
         return masks.reshape(n, m, 4 * height, 4 * width)
 
     def prompt_side(
-        self, sparse_prompt_embeddings: Tensor, side: ImageSide, height: int, width: int, blocked: bool = False
+        self,
+        sparse_prompt_embeddings: Tensor,
+        side: ImageSide,
+        height: int,
+        width: int,
+        blocked: bool = False,
+        preview: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Low-res logits (N, 4, 4h, 4w) and IoUs (N, 4) of every output (single-mask first) for prompts (N, T, C)
         on an image's :class:`ImageSide`: the per-click half of the decoder. ``blocked`` upscales a prompt's
-        pixels a block at a time (fast in PyTorch); otherwise all at once, with no loop (an exportable graph)."""
+        pixels a block at a time (fast in PyTorch); otherwise all at once, with no loop (an exportable graph).
+        ``preview`` returns logits (N, 4, h, w) at every fourth pixel instead: ``[..., 2::4, 2::4]`` of the
+        low-res logits, computed for a sixth of the upscaling's work (see :meth:`upscale_rows`)."""
         dec = self.decoder
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         n = sparse_prompt_embeddings.shape[0]
@@ -299,7 +315,10 @@ class FactoredMaskDecoder(nn.Module):
         queries, image = self._transformer(tokens, side)
         mask_tokens = queries[:, 1 : 1 + dec.num_mask_tokens]
         hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-        if blocked:
+        if preview:
+            rows = self.upscale_rows(image.flatten(0, 1), preview=True).view(n, -1, hyper_in.shape[-1])
+            masks = (rows @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(n, -1, height, width)
+        elif blocked:
             masks = self._upscaled_masks(image, hyper_in, height, width)
         else:
             rows = self.upscale_rows(image.flatten(0, 1)).view(n, -1, hyper_in.shape[-1])

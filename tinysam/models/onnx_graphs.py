@@ -14,7 +14,8 @@ A float model's decoder is also written split in two, as the factored decoder co
 (the prompt-independent image-side work: :data:`IMAGE_SIDE`), ``decoder_prompt.onnx`` once per click on
 those tensors and the points (:data:`PROMPT_INPUTS`), returning the IoU predictions and low-res logits of
 all four outputs, without a mask input. A page whose decoder runs at every click computes half of SAM's
-decoder's FLOPs there, and never copies the image embedding per prompt.
+decoder's FLOPs there, and never copies the image embedding per prompt. ``decoder_preview.onnx`` is the
+click half at a quarter of the low-res side (every fourth logit), for a preview that follows the mouse.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ OPSET = 17
 ENCODER, DECODER, METADATA = "encoder.onnx", "decoder.onnx", "export.json"
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
-DECODER_IMAGE, DECODER_PROMPT = "decoder_image.onnx", "decoder_prompt.onnx"
+DECODER_IMAGE, DECODER_PROMPT, DECODER_PREVIEW = "decoder_image.onnx", "decoder_prompt.onnx", "decoder_preview.onnx"
+SPLIT_DECODER = (DECODER_IMAGE, DECODER_PROMPT, DECODER_PREVIEW)
 IMAGE_SIDE = ("tokens", "first_keys", "first_values", "first_queries", "pos_keys", "pos_queries", "final_pos_keys")
 PROMPT_INPUTS = (*IMAGE_SIDE, "point_coords", "point_labels")
 PROMPT_OUTPUTS = ("iou_predictions", "low_res_masks")
@@ -180,26 +182,28 @@ class DecoderImagePart(torch.nn.Module):
 class DecoderPromptPart(SamOnnxModel):
     """The click half of the split decoder: the :data:`IMAGE_SIDE` tensors and the points of N prompts in, the
     IoU predictions (N, 4) and low-res logits (N, 4, 4h, 4w) out; SAM's ONNX point embedding (boxes as corners
-    labelled 2 and 3, padding points -1)."""
+    labelled 2 and 3, padding points -1). With ``preview``, logits (N, 4, h, w) at every fourth low-res pixel
+    (:meth:`FactoredMaskDecoder.prompt_side`), for a hover preview."""
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(self, model: Sam, preview: bool = False) -> None:
         super().__init__(model, return_single_mask=False)
-        self.factored = FactoredMaskDecoder(model.mask_decoder)
+        self.factored, self.preview = FactoredMaskDecoder(model.mask_decoder), preview
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         tokens, first_k, first_v, first_q, pos_keys, pos_queries, final_pos, point_coords, point_labels = inputs
         side = ImageSide(tokens, (first_k, first_v, first_q), list(zip(pos_keys, pos_queries)), final_pos)
         h, w = self.model.prompt_encoder.image_embedding_size
-        masks, iou = self.factored.prompt_side(self._embed_points(point_coords, point_labels), side, h, w)
+        sparse = self._embed_points(point_coords, point_labels)
+        masks, iou = self.factored.prompt_side(sparse, side, h, w, preview=self.preview)
         return iou, masks
 
 
-def export_split_decoder(model: Sam, folder: str | Path) -> tuple[Path, Path]:
-    """``decoder_image.onnx`` and ``decoder_prompt.onnx`` of a float model in ``folder``; a ``TypeError`` for a
-    decoder the factored decoder cannot run (a quantized one)."""
+def export_split_decoder(model: Sam, folder: str | Path) -> list[Path]:
+    """``decoder_image.onnx``, ``decoder_prompt.onnx`` and ``decoder_preview.onnx`` of a float model in
+    ``folder``; a ``TypeError`` for a decoder the factored decoder cannot run (a quantized one)."""
     folder = Path(folder)
     model = model.float().cpu().eval()
-    image_part, prompt_part = DecoderImagePart(model).eval(), DecoderPromptPart(model).eval()
+    image_part = DecoderImagePart(model).eval()
     embedding = torch.randn(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
     _onnx_export(image_part, (embedding,), folder / DECODER_IMAGE, ["image_embeddings"], IMAGE_SIDE, None)
     with torch.no_grad():
@@ -212,8 +216,10 @@ def export_split_decoder(model: Sam, folder: str | Path) -> tuple[Path, Path]:
         "iou_predictions": {0: "prompts"},
         "low_res_masks": {0: "prompts"},
     }
-    _onnx_export(prompt_part, (*side, points, labels), folder / DECODER_PROMPT, PROMPT_INPUTS, PROMPT_OUTPUTS, axes)
-    return folder / DECODER_IMAGE, folder / DECODER_PROMPT
+    for name, preview in ((DECODER_PROMPT, False), (DECODER_PREVIEW, True)):
+        prompt_part = DecoderPromptPart(model, preview).eval()
+        _onnx_export(prompt_part, (*side, points, labels), folder / name, PROMPT_INPUTS, PROMPT_OUTPUTS, axes)
+    return [folder / name for name in SPLIT_DECODER]
 
 
 def decoder_feed(

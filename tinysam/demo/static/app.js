@@ -15,7 +15,7 @@ const state = {
   actions: [], // {type: "point", x, y, label} | {type: "box", x0, y0, x1, y1}, in original pixels
   result: null, // {iou: [3], lowRes: [3 x side*side], chosen, mask: Uint8Array H*W, area}
   preview: null, // {logits: Float32Array at display size}
-  timings: { decoder: [] },
+  timings: { decoder: [], preview: [] },
 };
 let queue = Promise.resolve(); // image loads and committed decodes run one after another
 let busy = 0;
@@ -49,7 +49,7 @@ function resetImage() {
   state.actions = [];
   state.result = null;
   state.preview = null;
-  for (const id of ["image-size", "encoder-time", "decoder-time"]) $(id).textContent = "–";
+  for (const id of ["image-size", "encoder-time", "decoder-time", "preview-time"]) $(id).textContent = "–";
   render();
 }
 
@@ -83,8 +83,8 @@ function prompts(actions = state.actions) {
   return { points, box };
 }
 
-function decode(points, box) {
-  return sam.decode(state.embedding, state.image.height, state.image.width, points, box);
+function decode(points, box, preview = false) {
+  return sam.decode(state.embedding, state.image.height, state.image.width, points, box, preview);
 }
 
 function fullMask(result) {
@@ -127,7 +127,9 @@ async function hover(x, y) {
       const point = { ...hoverPending, label: 1 };
       hoverPending = null;
       const { points, box } = prompts();
-      const result = await decode([...points, point], box);
+      const result = await decode([...points, point], box, true);
+      state.timings.preview.push(result.ms);
+      $("preview-time").textContent = `${result.ms.toFixed(1)} ms${sam.decoders.preview ? " (every fourth logit)" : ""}`;
       const canvas = $("view");
       state.preview = {
         logits: sam.logits(result.lowRes[result.chosen], state.image.height, state.image.width, canvas.height, canvas.width),
@@ -327,11 +329,16 @@ window.demo = {
   timeEncoder: (runs) => sam.timeEncoder(runs),
   /** Milliseconds of `runs` runs of the split decoder's image half on the current image, after one warm-up run. */
   timeImagePart: (runs) => sam.timeImagePart(runs),
-  /** Milliseconds of `runs` decoder runs on the current prompts. */
-  timeDecoder: async (runs) => {
+  /** The decoder's outputs for `points` and `box` on the current image (`preview`: the hover preview's). */
+  decode: async (points, box, preview = false) => {
+    const { iou, lowRes, chosen } = await decode(points, box, preview);
+    return { iou, chosen, lowRes: lowRes.map((plane) => Array.from(plane)) };
+  },
+  /** Milliseconds of `runs` decoder runs on the current prompts (`preview`: the hover preview's decoder). */
+  timeDecoder: async (runs, preview = false) => {
     const { points, box } = prompts();
     const times = [];
-    for (let i = 0; i < runs; i++) times.push((await decode(points, box)).ms);
+    for (let i = 0; i < runs; i++) times.push((await decode(points, box, preview)).ms);
     return times;
   },
 };

@@ -2,7 +2,8 @@
 // do with them (embed an image, decode prompts, turn low-res logits into a full-size mask). Both pages
 // (the demo's app.js and the annotator's annotate.js) use it. WebGPU when the browser has an adapter,
 // else threaded WASM; with encoder=server the embedding comes from POST /api/encode. A float model's
-// decoder runs split (decoder_image.onnx once per image, decoder_prompt.onnx per click) unless the URL
+// decoder runs split (decoder_image.onnx once per image, decoder_prompt.onnx per click, and
+// decoder_preview.onnx, every fourth low-res logit, for a preview while the mouse moves) unless the URL
 // says ?decoder=full.
 import { decoderFeed, normalizeAndPad, resizeLongestSide, upscaleLogits } from "./sam.js";
 
@@ -102,7 +103,11 @@ export class BrowserSam {
     const encoder = info.encoder === "browser" ? await session("encoder.onnx") : null;
     const split = info.split_decoder && params.get("decoder") !== "full";
     const decoders = split
-      ? { image: await session("decoder_image.onnx"), prompt: await session("decoder_prompt.onnx") }
+      ? {
+          image: await session("decoder_image.onnx"),
+          prompt: await session("decoder_prompt.onnx"),
+          preview: await session("decoder_preview.onnx"),
+        }
       : { full: await session("decoder.onnx") };
     return new BrowserSam(info, runtime, encoder, decoders);
   }
@@ -140,8 +145,12 @@ export class BrowserSam {
     return { embedding, preprocess: preprocessed - start, encoder: performance.now() - preprocessed };
   }
 
-  /** The three multimask outputs for `points` [{x, y, label}] and `box`, their IoUs, the best one and the ms taken. */
-  async decode(embedding, height, width, points, box) {
+  /**
+   * The three multimask outputs for `points` [{x, y, label}] and `box`, their IoUs, the best one and the ms taken.
+   * With `preview` (and the split decoder) the low-res outputs hold every fourth logit: a quarter of the side, for
+   * a sixth of the upscaling's work.
+   */
+  async decode(embedding, height, width, points, box, preview = false) {
     const { info, ort } = this;
     const feed = decoderFeed(points, box, height, width, info.image_size, info.mask_side);
     const split = Boolean(this.decoders.prompt);
@@ -150,9 +159,10 @@ export class BrowserSam {
       if (!split || name.startsWith("point_")) tensors[name] = new ort.Tensor("float32", data, dims);
     }
     const start = performance.now();
-    const out = await (split ? this.decoders.prompt : this.decoders.full).run(tensors, ["iou_predictions", "low_res_masks"]);
+    const session = split ? this.decoders[preview ? "preview" : "prompt"] : this.decoders.full;
+    const out = await session.run(tensors, ["iou_predictions", "low_res_masks"]);
     const ms = performance.now() - start;
-    const plane = info.mask_side * info.mask_side;
+    const plane = out.low_res_masks.dims[2] * out.low_res_masks.dims[3];
     const iou = Array.from(out.iou_predictions.data.slice(1, 4)); // outputs 1-3: the multimask outputs
     const lowRes = [1, 2, 3].map((k) => out.low_res_masks.data.slice(k * plane, (k + 1) * plane));
     let chosen = 0;
@@ -160,9 +170,12 @@ export class BrowserSam {
     return { iou, lowRes, chosen, ms };
   }
 
-  /** Logits of low-res output `lowRes` at (outH x outW) (the original size unless a preview size is given). */
+  /**
+   * Logits of low-res output `lowRes` (square: the decoder's or its preview's) at (outH x outW) (the original size
+   * unless a display size is given). A preview's logit i sits at low-res pixel 4i + 2, upscaled as if at 4i + 1.5.
+   */
   logits(lowRes, height, width, outH = height, outW = width) {
-    return upscaleLogits(lowRes, this.info.mask_side, this.info.image_size, height, width, outH, outW);
+    return upscaleLogits(lowRes, Math.round(Math.sqrt(lowRes.length)), this.info.image_size, height, width, outH, outW);
   }
 
   /** The full-size 0/1 mask of a low-res output and its area. */
