@@ -6,7 +6,8 @@ For each model, float and W8A8, on one thread and on all cores, side by side in 
 the encoder (median of ``--runs`` after a warm-up) and the decoder per click (median of ``--clicks``
 on one positive click), in the page (``?ep=wasm&threads=N``) and in Python on the same ONNX files.
 The float model's decoder runs both ways: SAM's decoder in one graph (``?decoder=full``) and split, its
-image half once per image (its time is in the encoder column) and its click half per click.
+image half once per image (its time is in the encoder column) and its click half per click; the split rows
+also time the hover preview's graph (every fourth low-res logit), which the page runs while the mouse moves.
 ``toy`` is the shipped toy student (256 px); ``tinyvit_5m`` is the 1024 px student with the
 seeded reference weights of ``tests/reference``. The W8A8 models come from ``quantize_model`` with a short scale
 search (1 round, 10 candidates, 2 images): the search changes the scales, not the graph or its speed.
@@ -34,7 +35,15 @@ from tinysam.data.toyworld import ToyWorldConfig, generate_image, image_rng
 from tinysam.demo import DemoServer, prepare
 from tinysam.loader import load_model
 from tinysam.models.checkpoint import save_checkpoint
-from tinysam.models.onnx_graphs import DECODER, DECODER_IMAGE, DECODER_PROMPT, ENCODER, IMAGE_SIDE, decoder_feed
+from tinysam.models.onnx_graphs import (
+    DECODER,
+    DECODER_IMAGE,
+    DECODER_PREVIEW,
+    DECODER_PROMPT,
+    ENCODER,
+    IMAGE_SIDE,
+    decoder_feed,
+)
 from tinysam.quant.run import quantize_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
@@ -76,8 +85,9 @@ def median_ms(run, times: int) -> float:
     return statistics.median(samples)
 
 
-def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -> tuple[float, float]:
-    """Encoder (with the split decoder's image half) and per-click decoder milliseconds of onnxruntime in Python."""
+def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -> tuple[float, float, float | None]:
+    """Encoder (with the split decoder's image half), per-click decoder and (split) hover preview milliseconds of
+    onnxruntime in Python."""
     meta = bundle.metadata
     size = meta["image_size"]
     encoder = onnx_session(bundle.folder / ENCODER, threads)
@@ -94,18 +104,20 @@ def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -
         feed = dict(zip(IMAGE_SIDE, image_part.run(None, {"image_embeddings": embedding}))) | {
             key: feed[key] for key in ("point_coords", "point_labels")
         }
-        session = prompt_part
+        session, preview = prompt_part, onnx_session(bundle.folder / DECODER_PREVIEW, threads)
+        preview.run(None, feed)
+        preview_ms = median_ms(lambda: preview.run(None, feed), clicks)
     else:
-        session = onnx_session(bundle.folder / DECODER, threads)
+        session, preview_ms = onnx_session(bundle.folder / DECODER, threads), None
     session.run(None, feed)
-    return encode_ms, median_ms(lambda: session.run(None, feed), clicks)
+    return encode_ms, median_ms(lambda: session.run(None, feed), clicks), preview_ms
 
 
 def browser_latency(
     browser, bundle, image: Path, threads: int, runs: int, clicks: int, screenshot: Path | None, decoder: str
-) -> tuple[float, float]:
-    """Encoder (with the split decoder's image half) and per-click decoder milliseconds in the page, WASM with
-    ``threads`` threads."""
+) -> tuple[float, float, float | None]:
+    """Encoder (with the split decoder's image half), per-click decoder and (split) hover preview milliseconds in
+    the page, WASM with ``threads`` threads."""
     with DemoServer(bundle, port=0) as server:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto(f"{server.url}?ep=wasm&threads={threads}&decoder={decoder}")
@@ -120,10 +132,17 @@ def browser_latency(
         if decoder == "split":
             encode_ms += statistics.median(page.evaluate(f"window.demo.timeImagePart({runs})"))
         decode_ms = statistics.median(page.evaluate(f"window.demo.timeDecoder({clicks})"))
+        preview_ms = None
+        if decoder == "split":
+            preview_ms = statistics.median(page.evaluate(f"window.demo.timeDecoder({clicks}, true)"))
         if screenshot is not None:
             page.screenshot(path=str(screenshot))
         page.close()
-    return encode_ms, decode_ms
+    return encode_ms, decode_ms, preview_ms
+
+
+def cell(ms: float | None) -> str:
+    return "–" if ms is None else f"{ms:.1f}"
 
 
 def main() -> None:
@@ -147,23 +166,25 @@ def main() -> None:
         print(f"\nChromium {browser.version}, onnxruntime-web 1.31.1 (WASM, SIMD), {cores} cores\n")
         print(
             "| model | weights | decoder | threads | encoder, browser (ms) | encoder, Python (ms) | browser / Python | "
-            "decoder per click, browser (ms) | decoder, Python (ms) |"
+            "decoder per click, browser (ms) | decoder, Python (ms) | hover preview, browser (ms) | "
+            "hover preview, Python (ms) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+        print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
         screenshot = args.screenshot
         for name, models in prepared.items():
             for precision, decoder in (("float", "full"), ("float", "split"), ("W8A8", "full")):
                 for threads in sorted({1, cores}):
                     bundle = models[precision]
-                    enc_web, dec_web = browser_latency(
+                    enc_web, dec_web, preview_web = browser_latency(
                         browser, bundle, models["image"], threads, args.runs, args.clicks, screenshot, decoder
                     )
                     screenshot = None
-                    enc_py, dec_py = python_latency(bundle, threads, args.runs, args.clicks, decoder)
+                    enc_py, dec_py, preview_py = python_latency(bundle, threads, args.runs, args.clicks, decoder)
                     size = bundle.metadata["image_size"]
                     print(
                         f"| {name} ({size} px) | {precision} | {decoder} | {threads} | {enc_web:.1f} | {enc_py:.1f} | "
-                        f"{enc_web / enc_py:.2f}x | {dec_web:.1f} | {dec_py:.1f} |",
+                        f"{enc_web / enc_py:.2f}x | {dec_web:.1f} | {dec_py:.1f} | {cell(preview_web)} | "
+                        f"{cell(preview_py)} |",
                         flush=True,
                     )
         browser.close()
