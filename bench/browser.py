@@ -1,6 +1,6 @@
 """The demo page's model latency in headless Chromium (onnxruntime-web, WASM) vs onnxruntime in Python.
 
-    python bench/browser.py [--models toy tinyvit_5m] [--runs 5] [--clicks 20] [--screenshot PATH]
+    python bench/browser.py [--models toy tinyvit_5m] [--runs 5] [--clicks 20] [--screenshot PATH] [--profile]
 
 For each model, float and W8A8, on one thread and on all cores, side by side in one process:
 the encoder (median of ``--runs`` after a warm-up) and the decoder per click (median of ``--clicks``
@@ -12,17 +12,24 @@ also time the hover preview's graph (every fourth low-res logit), which the page
 seeded reference weights of ``tests/reference``. The W8A8 models come from ``quantize_model`` with a short scale
 search (1 round, 10 candidates, 2 images): the search changes the scales, not the graph or its speed.
 Chromium is the system's (``TINYSAM_CHROMIUM`` or on PATH), driven by Playwright.
+
+``--profile`` then times each operator of the per-click graphs in the page on all cores (onnxruntime-web's
+profiler, ``?profile=ROLE``): milliseconds per click by operator type, and for the matrix products their
+GFLOP and GFLOP/s. The profiler adds a fixed cost to every node, so the small shape operators read high.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +148,59 @@ def browser_latency(
     return encode_ms, decode_ms, preview_ms
 
 
+def matmul_flops(event: dict) -> float:
+    """FLOPs of a matrix-product node from its profiled shapes (``A`` and the output; ``A`` may be transposed)."""
+    a = next(iter(event["args"]["input_type_shape"][0].values()))
+    out = next(iter(event["args"]["output_type_shape"][0].values()))
+    k = a[-1] if out[-2] == a[-2] else a[-2]
+    return 2.0 * math.prod(out) * k
+
+
+def profile_ops(browser, bundle, image: Path, threads: int, clicks: int, role: str, decoder: str) -> list[tuple]:
+    """(operator type, ms per run, share, GFLOP per run or None) of the page's ``role`` decoder over ``clicks``
+    runs, from onnxruntime-web's profile printed to the console."""
+    lines: list[str] = []
+    with DemoServer(bundle, port=0) as server:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda message: lines.extend(message.text.splitlines()))
+        page.goto(f"{server.url}?ep=wasm&threads={threads}&decoder={decoder}&profile={role}")
+        page.wait_for_selector("body[data-ready=true]", timeout=300_000)
+        page.set_input_files("#file", str(image))
+        page.evaluate("window.demo.idle()")
+        box = page.locator("#view").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        page.evaluate("window.demo.idle()")
+        page.evaluate(f"window.demo.timeDecoder({clicks}, {str(role == 'preview').lower()})")
+        page.evaluate("window.demo.endProfiling()")
+        page.wait_for_timeout(1000)  # the console messages arrive after the call returns
+        page.close()
+    events = [json.loads(line.strip().rstrip(",")) for line in lines if line.lstrip().startswith('{"cat" : "')]
+    runs = sum(1 for e in events if e["name"] == "model_run") or 1
+    ms, flops = defaultdict(float), defaultdict(float)
+    for event in events:
+        if event["cat"] == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            ms[op] += event["dur"] / 1000 / runs
+            if op in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"):
+                flops[op] += matmul_flops(event) / 1e9 / runs
+    total = sum(ms.values())
+    return [(op, t, t / total, flops.get(op)) for op, t in sorted(ms.items(), key=lambda kv: -kv[1])]
+
+
+def print_profile(title: str, rows: list[tuple]) -> None:
+    total = sum(r[1] for r in rows)
+    gflop = sum(r[3] or 0 for r in rows)
+    print(f"\n{title}: {total:.1f} ms a run profiled, {gflop:.2f} GFLOP in matrix products\n")
+    print("| operator | ms a run | share | GFLOP | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    shown = [r for r in rows if r[2] >= 0.01]
+    for op, t, share, flop in shown:
+        rate = f"{flop / t * 1000:.1f}" if flop else "–"
+        print(f"| {op} | {t:.2f} | {100 * share:.1f}% | {cell(flop) if flop else '–'} | {rate} |")
+    rest = rows[len(shown) :]
+    print(f"| {len(rest)} other types | {sum(r[1] for r in rest):.2f} | {100 * sum(r[2] for r in rest):.1f}% | – | – |")
+
+
 def cell(ms: float | None) -> str:
     return "–" if ms is None else f"{ms:.1f}"
 
@@ -151,6 +211,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="encoder runs per cell (median)")
     parser.add_argument("--clicks", type=int, default=20, help="decoder runs per cell (median)")
     parser.add_argument("--screenshot", type=Path, help="save the page of the first cell here")
+    parser.add_argument("--profile", action="store_true", help="then time the click graphs' operators in the page")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -187,6 +248,12 @@ def main() -> None:
                         f"{cell(preview_py)} |",
                         flush=True,
                     )
+        if args.profile:
+            for name, models in prepared.items():
+                for precision, role, decoder in (("float", "prompt", "split"), ("float", "preview", "split"),
+                                                 ("W8A8", "full", "full")):
+                    rows = profile_ops(browser, models[precision], models["image"], cores, args.clicks, role, decoder)
+                    print_profile(f"{name}, {precision}, {role} graph, {cores} threads", rows)
         browser.close()
 
 

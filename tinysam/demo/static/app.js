@@ -334,6 +334,8 @@ window.demo = {
     const { iou, lowRes, chosen } = await decode(points, box, preview);
     return { iou, chosen, lowRes: lowRes.map((plane) => Array.from(plane)) };
   },
+  /** With ?profile=ROLE, print that decoder's operator timings to the console. */
+  endProfiling: () => sam.endProfiling(),
   /** Milliseconds of `runs` decoder runs on the current prompts (`preview`: the hover preview's decoder). */
   timeDecoder: async (runs, preview = false) => {
     const { points, box } = prompts();

@@ -93,27 +93,37 @@ async function timed(run, runs) {
 }
 
 export class BrowserSam {
-  /** Load the model the server serves; `progress(text)` hears about downloads. URL options: ?ep=wasm|webgpu&threads=N. */
+  /**
+   * Load the model the server serves; `progress(text)` hears about downloads. URL options: ?ep=wasm|webgpu&threads=N,
+   * decoder=full, profile=prompt|preview|full (onnxruntime-web times that decoder's operators, see endProfiling).
+   */
   static async load(params, progress) {
     const info = await (await fetch("/model/info.json")).json();
     const runtime = await loadRuntime(params.get("ep"), Number(params.get("threads") ?? 0));
     const { ort } = runtime;
     const options = { executionProviders: [...new Set([runtime.ep, "wasm"])], graphOptimizationLevel: "all" };
-    const session = async (name) => ort.InferenceSession.create(await fetchModel(name, progress), options);
+    const profiled = params.get("profile");
+    const session = async (name, role) =>
+      ort.InferenceSession.create(await fetchModel(name, progress), { ...options, enableProfiling: role === profiled });
     const encoder = info.encoder === "browser" ? await session("encoder.onnx") : null;
     const split = info.split_decoder && params.get("decoder") !== "full";
     const decoders = split
       ? {
-          image: await session("decoder_image.onnx"),
-          prompt: await session("decoder_prompt.onnx"),
-          preview: await session("decoder_preview.onnx"),
+          image: await session("decoder_image.onnx", "image"),
+          prompt: await session("decoder_prompt.onnx", "prompt"),
+          preview: await session("decoder_preview.onnx", "preview"),
         }
-      : { full: await session("decoder.onnx") };
-    return new BrowserSam(info, runtime, encoder, decoders);
+      : { full: await session("decoder.onnx", "full") };
+    return new BrowserSam(info, runtime, encoder, decoders, profiled);
   }
 
-  constructor(info, runtime, encoder, decoders) {
-    Object.assign(this, { info, runtime, ort: runtime.ort, encoder, decoders });
+  constructor(info, runtime, encoder, decoders, profiled = null) {
+    Object.assign(this, { info, runtime, ort: runtime.ort, encoder, decoders, profiled });
+  }
+
+  /** With ?profile=ROLE: onnxruntime-web prints that decoder's timings so far to the console (Chrome trace JSON). */
+  async endProfiling() {
+    await this.decoders[this.profiled]?.endProfiling();
   }
 
   /** A line naming the runtime, for the page's footer. */
