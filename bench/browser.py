@@ -48,8 +48,8 @@ from tinysam.models.onnx_graphs import (
     DECODER_PREVIEW,
     DECODER_PROMPT,
     ENCODER,
-    IMAGE_SIDE,
     decoder_feed,
+    image_side,
 )
 from tinysam.quant.run import quantize_model
 
@@ -108,7 +108,7 @@ def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -
         image_part, prompt_part = (onnx_session(bundle.folder / n, threads) for n in (DECODER_IMAGE, DECODER_PROMPT))
         image_part.run(None, {"image_embeddings": embedding})
         encode_ms += median_ms(lambda: image_part.run(None, {"image_embeddings": embedding}), runs)
-        feed = dict(zip(IMAGE_SIDE, image_part.run(None, {"image_embeddings": embedding}))) | {
+        feed = image_side(image_part, embedding) | {
             key: feed[key] for key in ("point_coords", "point_labels")
         }
         session, preview = prompt_part, onnx_session(bundle.folder / DECODER_PREVIEW, threads)

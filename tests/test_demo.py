@@ -110,9 +110,9 @@ def test_page_masks_match_predictor(browser, bundles, toy_images, tmp_path, kind
     size = image.shape[:2]
     with DemoServer(bundles[kind], port=0) as server:
         page = open_page(browser, server.url)
-        # a float model's clicks run the split decoder's per-click graph; the INT8 one keeps decoder.onnx
-        assert page.evaluate("window.demo.info.split_decoder") == (kind != "int8")
-        assert ("split per image and per click" in page.inner_text("#runtime")) == (kind != "int8")
+        # clicks run the split decoder's per-click graph (the INT8 one unfolded, its integer layers decoder.onnx's)
+        assert page.evaluate("window.demo.info.split_decoder")
+        assert "split per image and per click" in page.inner_text("#runtime")
         load_image(page, path)
         assert "error" not in (page.get_attribute("#message", "class") or "")
         inside = [t for t in toy.instances if t.point[0] < 190]
@@ -133,11 +133,11 @@ def test_page_masks_match_predictor(browser, bundles, toy_images, tmp_path, kind
         third = check_against_python(page, predictor, threshold, IOU_TOLERANCE[kind])
         assert third["box"] is not None and third["point_labels"] == [1, 0]
         page.screenshot(path=str(tmp_path / f"demo_{kind}.png"))
+        check_preview(page, predictor, target.point, IOU_TOLERANCE[kind])
         if kind == "float":
             check_downloads(page, third, tmp_path)
             check_undo_clear_and_choice(page)
             check_preprocessing(page, predictor.model, image)
-            check_preview(page, predictor, target.point)
             check_hover_and_drop(page, on_canvas(page, *target.point, size), path)
         assert page.errors == []
         page.close()
@@ -169,15 +169,17 @@ def check_undo_clear_and_choice(page) -> None:
     assert page.evaluate("window.demo.record()") is None
 
 
-def check_preview(page, predictor: Predictor, point: tuple[float, float]) -> None:
+def check_preview(page, predictor: Predictor, point: tuple[float, float], iou_tolerance: float) -> None:
     """The hover preview's decoder gives every fourth of Python's low-res logits, pixel (4i + 2, 4j + 2)."""
     x, y = (float(v) for v in point)
     preview = page.evaluate("([x, y]) => window.demo.decode([{x, y, label: 1}], null, true)", [x, y])
     _, scores, low_res = predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
     side = low_res.shape[-1] // 4
     ours = np.array(preview["lowRes"], np.float32).reshape(3, side, side)
-    assert np.abs(ours - low_res[:, 2::4, 2::4]).max() < 1e-3
-    assert np.abs(np.array(preview["iou"]) - scores).max() < 1e-4 and preview["chosen"] == int(np.argmax(scores))
+    expected = low_res[:, 2::4, 2::4]
+    assert (ours > 0).mean() > 0 and ((ours > 0) == (expected > 0)).mean() >= 0.99
+    assert np.abs(ours - expected).max() < (1e-3 if iou_tolerance <= 1e-3 else 0.05 * np.abs(expected).max())
+    assert np.abs(np.array(preview["iou"]) - scores).max() < iou_tolerance
 
 
 def check_hover_and_drop(page, at: tuple[float, float], path: Path) -> None:

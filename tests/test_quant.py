@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,7 +471,9 @@ def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path
     points = np.array([[[40.0, 60.0]], [[150.0, 100.0]], [[200.0, 30.0]]], np.float32)
     feed = decoder_feed(embedding.numpy(), points, np.ones((3, 1), np.float32), None, None, (side, side), side)
     session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    onnx_masks = torch.from_numpy(session.run(None, feed)[2])
+    _, onnx_iou, onnx_low = session.run(None, feed)
+    onnx_masks = torch.from_numpy(onnx_low)
+    check_split_decoder(tmp_path, embedding.numpy(), feed, onnx_iou, onnx_low)
     decoder = SamOnnxModel(model, return_single_mask=False).eval()
     inputs = [torch.from_numpy(feed[name]) for name in DECODER_INPUTS]
     torch.manual_seed(0)
@@ -485,6 +488,28 @@ def test_integer_onnx_decoder_is_the_fake_quant_transformer(toy_images, tmp_path
     noise = (noisy_masks - fake_masks).abs().mean()
     assert (onnx_masks - fake_masks).abs().mean() < 0.01 * noise
     assert (fake_masks - float_masks).abs().mean() > noise
+
+
+def check_split_decoder(folder: Path, embedding: np.ndarray, feed: dict, iou: np.ndarray, low: np.ndarray) -> None:
+    """The INT8 split decoder runs decoder.onnx's integer layers (the first layer's image side once per image) and
+    computes its outputs, up to the float sums' order; its preview is every fourth low-res logit."""
+    import onnx
+    import onnxruntime as ort
+
+    from tinysam.models.onnx_graphs import DECODER_IMAGE, DECODER_PREVIEW, DECODER_PROMPT, POINTS, image_side
+
+    integer = {
+        name: [n.op_type for n in onnx.load(str(folder / name)).graph.node].count("MatMulIntegerToFloat")
+        for name in (DECODER_IMAGE, DECODER_PROMPT, DECODER_PREVIEW)
+    }
+    assert integer == {DECODER_IMAGE: 3, DECODER_PROMPT: 29, DECODER_PREVIEW: 29}
+    session = {name: ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"]) for name in integer}
+    side = image_side(session[DECODER_IMAGE], embedding) | {key: feed[key] for key in POINTS}
+    split_iou, split_low = session[DECODER_PROMPT].run(None, side)
+    np.testing.assert_allclose(split_low, low, rtol=0, atol=1e-3 * np.abs(low).max())
+    np.testing.assert_allclose(split_iou, iou, rtol=0, atol=1e-5)
+    _, preview = session[DECODER_PREVIEW].run(None, side)
+    np.testing.assert_allclose(preview, low[..., 2::4, 2::4], rtol=0, atol=1e-3 * np.abs(low).max())
 
 
 def test_quantize_script_and_its_errors(tmp_path):

@@ -31,13 +31,13 @@ from tinysam.models.onnx_graphs import (
     DECODER_PREVIEW,
     DECODER_PROMPT,
     ENCODER,
-    IMAGE_SIDE,
     METADATA,
     SPLIT_DECODER,
     decoder_feed,
     export_decoder,
     export_encoder,
     export_split_decoder,
+    image_side,
     onnx_metadata,
 )
 from tinysam.predictor import Predictor
@@ -82,7 +82,7 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
             worst["low_res_logits"] = max(worst["low_res_logits"], float(np.abs(onnx_low[:, 1:] - low_res).max()))
             worst["iou"] = max(worst["iou"], float(np.abs(onnx_iou[:, 1:] - iou).max()))
             if DECODER_PROMPT in session:
-                side = dict(zip(IMAGE_SIDE, session[DECODER_IMAGE].run(None, {"image_embeddings": ref})))
+                side = image_side(session[DECODER_IMAGE], ref)
                 prompt = {key: feed[key] for key in ("point_coords", "point_labels")}
                 split_iou, split_low = session[DECODER_PROMPT].run(None, side | prompt)
                 worst["split_low_res_logits"] = max(

@@ -20,6 +20,10 @@ outputs agree with :class:`segment_anything.modeling.MaskDecoder` to float round
 bit. It serves point and box prompts of one image (``dense_prompt_embeddings`` shared by all
 prompts, i.e. no mask input); :class:`tinysam.backends.FactoredBackend` falls back to the plain
 decoder otherwise.
+
+With ``fold=False`` only the first of these is done: every other projection is SAM's own layer applied
+to its own input, the form an integer rewrite of the decoder's linear layers needs (a quantized layer's
+input is quantized, so its projection cannot move to the other side of a product).
 """
 
 from __future__ import annotations
@@ -121,6 +125,15 @@ def shared_image_to_token(attn: Attention, image: Tensor, queries: Tensor, keys:
     return _attend_tokens(attn, image, _per_head(k, queries), values)
 
 
+def shared_attention(attn: Attention, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """``attn`` for image tokens every prompt shares, whose query projection is ``queries`` as heads (H, P, d), over
+    prompt tokens (N, T, C), as SAM computes it: key, value and output projections each on its own input. (N, P, C)."""
+    k = _scaled_heads(attn.k_proj(keys), attn.num_heads)  # (N, H, T, d)
+    weights = torch.softmax(_per_head(k, queries).transpose(-1, -2), dim=-1)  # (N, H, P, T)
+    out = weights @ _heads(attn.v_proj(values), attn.num_heads)  # (N, H, P, d)
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
 def image_to_token(attn: Attention, image: Tensor, pos_queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """``image + attn(q=image + pe, k=keys, v=values)`` for image tokens (N, P, C) and prompt tokens (N, T, C).
 
@@ -131,8 +144,13 @@ def image_to_token(attn: Attention, image: Tensor, pos_queries: Tensor, keys: Te
     return _attend_tokens(attn, image, _image_logits(k, attn.q_proj.weight, image, pos_queries), values)
 
 
-def _bypassed(decoder: MaskDecoder) -> Iterator[tuple[str, nn.Module, type]]:
-    """The modules whose weights the factoring uses without calling them, each with the exact type it assumes."""
+def _bypassed(decoder: MaskDecoder, fold: bool = True) -> Iterator[tuple[str, nn.Module, type]]:
+    """The modules whose weights the factoring uses without calling them, each with the exact type it assumes
+    (without ``fold``, the upscaling's alone)."""
+    for index, kind in ((0, nn.ConvTranspose2d), (1, LayerNorm2d), (3, nn.ConvTranspose2d)):
+        yield f"output_upscaling.{index}", decoder.output_upscaling[index], kind
+    if not fold:
+        return
     transformer = decoder.transformer
     attentions = {
         f"transformer.layers.{i}.{kind}": getattr(layer, kind)
@@ -144,8 +162,6 @@ def _bypassed(decoder: MaskDecoder) -> Iterator[tuple[str, nn.Module, type]]:
         yield name, attn, Attention
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             yield f"{name}.{proj}", getattr(attn, proj), nn.Linear
-    for index, kind in ((0, nn.ConvTranspose2d), (1, LayerNorm2d), (3, nn.ConvTranspose2d)):
-        yield f"output_upscaling.{index}", decoder.output_upscaling[index], kind
 
 
 @dataclass
@@ -155,7 +171,8 @@ class ImageSide:
     ``tokens``: image tokens with the dense prompt added (1, P, C); ``first``: the first layer's
     token-to-image keys and values and image-to-token queries, as heads (H, P, d); ``pos``: for
     each later layer, ``k_proj(pe)`` of its token-to-image and ``q_proj(pe)`` of its image-to-token
-    attention; ``final_pos``: ``k_proj(pe)`` of the final token-to-image attention.
+    attention; ``final_pos``: ``k_proj(pe)`` of the final token-to-image attention. Without folding,
+    ``pos`` is empty and ``final_pos`` is the positional encoding itself (P, C).
     """
 
     tokens: Tensor
@@ -172,22 +189,23 @@ class FactoredMaskDecoder(nn.Module):
     prompts, ``multimask_output``) and the same outputs (low-res logits (N, M, 4h, 4w), IoU (N, M)).
     Holds no weights of its own: it runs the wrapped decoder's modules. Prompts run
     ``prompt_chunk`` at a time (default: as many as have 16 MiB of image tokens, 4 at 1024 px),
-    which keeps their image tokens in cache.
+    which keeps their image tokens in cache. ``fold=False`` shares the first layer's image-side
+    projections only and calls every other layer on its own input (see the module's docstring).
     """
 
-    def __init__(self, decoder: MaskDecoder, prompt_chunk: int | None = None) -> None:
+    def __init__(self, decoder: MaskDecoder, prompt_chunk: int | None = None, fold: bool = True) -> None:
         super().__init__()
         transformer = decoder.transformer
         if not isinstance(transformer, TwoWayTransformer) or not transformer.layers[0].skip_first_layer_pe:
             raise TypeError(f"FactoredMaskDecoder needs SAM's TwoWayTransformer, got {type(transformer).__name__}")
-        for name, module, kind in _bypassed(decoder):
+        for name, module, kind in _bypassed(decoder, fold):
             if type(module) is not kind:
                 raise TypeError(
                     f"FactoredMaskDecoder runs SAM's float decoder, but mask_decoder.{name} is a "
                     f"{type(module).__name__} (a quantized model?); decode it with backend='eager' or 'onnx'"
                 )
         self.decoder = decoder
-        self.prompt_chunk = prompt_chunk
+        self.prompt_chunk, self.fold = prompt_chunk, fold
 
     def forward(
         self,
@@ -223,8 +241,10 @@ class FactoredMaskDecoder(nn.Module):
         pe = image_pe.flatten(2).transpose(1, 2)[0]
         first = transformer.layers[0]
         t2i, i2t, h = first.cross_attn_token_to_image, first.cross_attn_image_to_token, transformer.num_heads
-        keyed = tokens[0] + pe
-        shared = (_heads(t2i.k_proj(keyed), h), _heads(t2i.v_proj(tokens[0]), h), _heads(i2t.q_proj(keyed), h))
+        keyed = tokens + pe  # (1, P, C): each projection is applied as SAM applies it, to a batch of token rows
+        shared = tuple(_heads(proj, h)[0] for proj in (t2i.k_proj(keyed), t2i.v_proj(tokens), i2t.q_proj(keyed)))
+        if not self.fold:
+            return ImageSide(tokens, shared, [], pe)
         pos = [
             (layer.cross_attn_token_to_image.k_proj(pe), layer.cross_attn_image_to_token.q_proj(pe))
             for layer in transformer.layers[1:]
@@ -241,6 +261,12 @@ class FactoredMaskDecoder(nn.Module):
         )
         queries = first.norm3(queries + first.mlp(queries))
         i2t = first.cross_attn_image_to_token
+        if not self.fold:
+            image = first.norm4(side.tokens + shared_attention(i2t, side.first[2], queries + tokens, queries))
+            for layer in transformer.layers[1:]:
+                queries, image = layer(queries=queries, keys=image, query_pe=tokens, key_pe=side.final_pos)
+            final = transformer.final_attn_token_to_image(q=queries + tokens, k=image + side.final_pos, v=image)
+            return transformer.norm_final_attn(queries + final), image
         image = first.norm4(shared_image_to_token(i2t, side.tokens, side.first[2], queries + tokens, queries))
         for layer, (pos_keys, pos_queries) in zip(transformer.layers[1:], side.pos):
             q = queries + tokens

@@ -12,10 +12,13 @@ multimask ones. N and K are dynamic. Writing and running them lives elsewhere
 A float model's decoder is also written split in two, as the factored decoder computes it
 (:mod:`tinysam.models.factored_decoder`): ``decoder_image.onnx`` runs once per image on its embedding
 (the prompt-independent image-side work: :data:`IMAGE_SIDE`), ``decoder_prompt.onnx`` once per click on
-those tensors and the points (:data:`PROMPT_INPUTS`), returning the IoU predictions and low-res logits of
+those tensors and the points (:data:`POINTS`), returning the IoU predictions and low-res logits of
 all four outputs, without a mask input. A page whose decoder runs at every click computes half of SAM's
 decoder's FLOPs there, and never copies the image embedding per prompt. ``decoder_preview.onnx`` is the
 click half at a quarter of the low-res side (every fourth logit), for a preview that follows the mouse.
+Written with ``fold=False`` (:class:`~tinysam.models.factored_decoder.FactoredMaskDecoder`), the halves share
+only the first layer's image-side projections (:data:`UNFOLDED_IMAGE_SIDE`) and apply every other linear layer
+to its own input, as SAM's graph does: the form whose linear layers an integer rewrite can replace.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 DECODER_IMAGE, DECODER_PROMPT, DECODER_PREVIEW = "decoder_image.onnx", "decoder_prompt.onnx", "decoder_preview.onnx"
 SPLIT_DECODER = (DECODER_IMAGE, DECODER_PROMPT, DECODER_PREVIEW)
 IMAGE_SIDE = ("tokens", "first_keys", "first_values", "first_queries", "pos_keys", "pos_queries", "final_pos_keys")
-PROMPT_INPUTS = (*IMAGE_SIDE, "point_coords", "point_labels")
+UNFOLDED_IMAGE_SIDE = IMAGE_SIDE[:4]  # fold=False: the first layer's shared projections only
+POINTS = ("point_coords", "point_labels")
 PROMPT_OUTPUTS = ("iou_predictions", "low_res_masks")
 
 
@@ -164,17 +168,20 @@ def export_decoder(model: Sam, path: str | Path) -> Path:
 
 class DecoderImagePart(torch.nn.Module):
     """The image half of the split decoder: an embedding (1, C, h, w) in, the :data:`IMAGE_SIDE` tensors out
-    (no mask input: SAM's "no mask" embedding is added to the image tokens)."""
+    (:data:`UNFOLDED_IMAGE_SIDE` without ``fold``; no mask input: SAM's "no mask" embedding is added to the image
+    tokens)."""
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(self, model: Sam, fold: bool = True) -> None:
         super().__init__()
-        self.model, self.factored = model, FactoredMaskDecoder(model.mask_decoder)
+        self.model, self.factored = model, FactoredMaskDecoder(model.mask_decoder, fold=fold)
 
     def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
         prompt_encoder = self.model.prompt_encoder
         side = self.factored.image_side(
             image_embeddings + prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1), prompt_encoder.get_dense_pe()
         )
+        if not self.factored.fold:
+            return (side.tokens, *side.first)
         keys, queries = (torch.stack(list(t)) for t in zip(*side.pos))
         return (side.tokens, *side.first, keys, queries, side.final_pos)
 
@@ -183,29 +190,36 @@ class DecoderPromptPart(SamOnnxModel):
     """The click half of the split decoder: the :data:`IMAGE_SIDE` tensors and the points of N prompts in, the
     IoU predictions (N, 4) and low-res logits (N, 4, 4h, 4w) out; SAM's ONNX point embedding (boxes as corners
     labelled 2 and 3, padding points -1). With ``preview``, logits (N, 4, h, w) at every fourth low-res pixel
-    (:meth:`FactoredMaskDecoder.prompt_side`), for a hover preview."""
+    (:meth:`FactoredMaskDecoder.prompt_side`), for a hover preview; ``fold``: as :class:`DecoderImagePart`'s."""
 
-    def __init__(self, model: Sam, preview: bool = False) -> None:
+    def __init__(self, model: Sam, preview: bool = False, fold: bool = True) -> None:
         super().__init__(model, return_single_mask=False)
-        self.factored, self.preview = FactoredMaskDecoder(model.mask_decoder), preview
+        self.factored, self.preview = FactoredMaskDecoder(model.mask_decoder, fold=fold), preview
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        tokens, first_k, first_v, first_q, pos_keys, pos_queries, final_pos, point_coords, point_labels = inputs
-        side = ImageSide(tokens, (first_k, first_v, first_q), list(zip(pos_keys, pos_queries)), final_pos)
+        *image_side, point_coords, point_labels = inputs
+        tokens, first_k, first_v, first_q, *pos = image_side
+        if self.factored.fold:
+            pos_keys, pos_queries, final_pos = pos
+            side = ImageSide(tokens, (first_k, first_v, first_q), list(zip(pos_keys, pos_queries)), final_pos)
+        else:  # the positional encoding is a constant of the graph
+            pe = self.model.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)[0]
+            side = ImageSide(tokens, (first_k, first_v, first_q), [], pe)
         h, w = self.model.prompt_encoder.image_embedding_size
         sparse = self._embed_points(point_coords, point_labels)
         masks, iou = self.factored.prompt_side(sparse, side, h, w, preview=self.preview)
         return iou, masks
 
 
-def export_split_decoder(model: Sam, folder: str | Path) -> list[Path]:
+def export_split_decoder(model: Sam, folder: str | Path, fold: bool = True) -> list[Path]:
     """``decoder_image.onnx``, ``decoder_prompt.onnx`` and ``decoder_preview.onnx`` of a float model in
     ``folder``; a ``TypeError`` for a decoder the factored decoder cannot run (a quantized one)."""
     folder = Path(folder)
     model = model.float().cpu().eval()
-    image_part = DecoderImagePart(model).eval()
+    image_part = DecoderImagePart(model, fold).eval()
     embedding = torch.randn(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
-    _onnx_export(image_part, (embedding,), folder / DECODER_IMAGE, ["image_embeddings"], IMAGE_SIDE, None)
+    names = IMAGE_SIDE if fold else UNFOLDED_IMAGE_SIDE
+    _onnx_export(image_part, (embedding,), folder / DECODER_IMAGE, ["image_embeddings"], names, None)
     with torch.no_grad():
         side = image_part(embedding)
     points = torch.randint(0, model.image_encoder.img_size, (2, 3, 2)).float()
@@ -217,9 +231,15 @@ def export_split_decoder(model: Sam, folder: str | Path) -> list[Path]:
         "low_res_masks": {0: "prompts"},
     }
     for name, preview in ((DECODER_PROMPT, False), (DECODER_PREVIEW, True)):
-        prompt_part = DecoderPromptPart(model, preview).eval()
-        _onnx_export(prompt_part, (*side, points, labels), folder / name, PROMPT_INPUTS, PROMPT_OUTPUTS, axes)
+        prompt_part = DecoderPromptPart(model, preview, fold).eval()
+        _onnx_export(prompt_part, (*side, points, labels), folder / name, (*names, *POINTS), PROMPT_OUTPUTS, axes)
     return [folder / name for name in SPLIT_DECODER]
+
+
+def image_side(session, embedding: np.ndarray) -> dict[str, np.ndarray]:
+    """The split decoder's image half (an onnxruntime session of ``decoder_image.onnx``) on an embedding, by name."""
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"image_embeddings": embedding.astype(np.float32)})))
 
 
 def decoder_feed(

@@ -14,6 +14,7 @@ A disabled module computes in float (calibration passes).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 from fnmatch import fnmatchcase
 
 import torch
@@ -183,6 +184,20 @@ def wrap_model(
                 f"(set {key}=[...] for this architecture)"
             )
     return wrapped
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A copy of a wrapped model with every :class:`QuantLayer` replaced by the float layer it wraps and every
+    :class:`QuantGELU` by ``nn.GELU``: the float model whose graphs an integer rewrite starts from (attention
+    matmuls stay as they are; switch them off first)."""
+    copy = deepcopy(model)
+    for module in list(copy.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QuantLayer):
+                setattr(module, child_name, child.layer)
+            elif isinstance(child, QuantGELU):
+                setattr(module, child_name, nn.GELU())
+    return copy
 
 
 def set_enabled(layers: dict[str, QuantLayer | QuantMatMul | QuantGELU], enabled: bool) -> None:

@@ -27,6 +27,7 @@ kernels are exact but several times slower there.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from onnx import helper, numpy_helper
 from segment_anything.modeling import Sam
 from torch import nn
 
-from tinysam.quant.fake_quant import SIGMOID_ALPHA, SIGMOID_LEVELS, QuantGELU, QuantLayer
+from tinysam.quant.fake_quant import SIGMOID_ALPHA, SIGMOID_LEVELS, QuantGELU, QuantLayer, float_copy
 from tinysam.quant.quantizers import qmax, quantize
 
 ONNXRUNTIME_DOMAIN = "com.microsoft"
@@ -73,13 +74,29 @@ def _bias_add(consumers: list[onnx.NodeProto], output: str, features: int, initi
     return consumers[0] if bias is not None and list(bias.dims) == [features] else None
 
 
+def _graph_weight(layer: nn.Module) -> np.ndarray:
+    """The layer's weight as its node holds it (transposed for a linear layer's MatMul)."""
+    return (layer.weight.T if isinstance(layer, nn.Linear) else layer.weight).detach().float().contiguous().numpy()
+
+
 def _in_graph(layer: nn.Module, initializers: dict) -> bool:
-    """Whether some initializer holds the layer's weight (transposed for a linear layer, as its MatMul has it)."""
-    target = (layer.weight.T if isinstance(layer, nn.Linear) else layer.weight).detach().numpy()
+    """Whether some initializer holds the layer's weight."""
+    target = _graph_weight(layer)
     return any(
         list(i.dims) == list(target.shape) and np.array_equal(numpy_helper.to_array(i), target)
         for i in initializers.values()
     )
+
+
+def _weight_key(weight: np.ndarray) -> tuple:
+    return weight.shape, weight.tobytes()
+
+
+def _by_weight(layers: dict[str, QuantLayer]) -> dict[tuple, str]:
+    """Layer names by their graph weight's shape and bytes, for the weights no two layers share."""
+    keys = {name: _weight_key(_graph_weight(q.layer)) for name, q in layers.items()}
+    counts = Counter(keys.values())
+    return {key: name for name, key in keys.items() if counts[key] == 1}
 
 
 def _scalar(value: float, name: str, dtype=np.float32) -> onnx.TensorProto:
@@ -312,7 +329,11 @@ def _fold_requantization(nodes: list[onnx.NodeProto], initializers: dict, output
 
 
 def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer | QuantGELU], prefix: str) -> Counter:
-    """Rewrite the float ONNX model at ``float_path`` with integer layers; returns its node count per op type."""
+    """Rewrite the float ONNX model at ``float_path`` with integer layers; returns its node count per op type.
+
+    A node is a layer's by its scope (the module that exported it) or, in a graph whose computation is
+    arranged otherwise (the split decoder's), by its constant weight: the layer's own.
+    """
     model = onnx.load(str(float_path))
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -324,10 +345,15 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer 
     gelus = {n: q for n, q in layers.items() if isinstance(q, QuantGELU) and q.enabled and n.startswith(f"{prefix}.")}
     replaced, dropped = _gelu_replacements(graph, prefix, gelus, consumers)
     found: set[str] = set()
+    by_weight = _by_weight(wanted)
     for node in graph.node:
+        if len(node.input) < 2 or node.input[1] not in initializers:
+            continue
         name = module_path(node.name, prefix).removesuffix(".layer")  # QuantLayer wraps ``layer``
+        if name not in wanted:
+            name = by_weight.get(_weight_key(numpy_helper.to_array(initializers[node.input[1]])), name)
         quant = wanted.get(name)
-        if quant is None or len(node.input) < 2 or node.input[1] not in initializers:
+        if quant is None:
             continue
         weight = list(initializers[node.input[1]].dims)
         expected = list(quant.layer.weight.shape)
@@ -370,37 +396,49 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer 
 
 
 def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str | Path) -> dict[str, str]:
-    """``encoder.onnx`` and ``decoder.onnx`` with our quantized layers as integer kernels, and ``export.json``
-    (the runtime metadata of :func:`~tinysam.models.onnx_graphs.onnx_metadata`) of a calibrated model.
+    """``encoder.onnx``, ``decoder.onnx`` and the split decoder with our quantized layers as integer kernels, and
+    ``export.json`` (the runtime metadata of :func:`~tinysam.models.onnx_graphs.onnx_metadata`) of a calibrated model.
 
     In the decoder that is every linear layer of SAM's two-way transformer (the per-prompt work
     over the image tokens); its small token MLPs (hypernetworks, IoU head; ``Gemm`` nodes), the
     attention matmuls and the upscaling stay float. The pair is what
-    ``Predictor(model, backend="onnx", onnx_dir=out)`` runs, everything mode included.
+    ``Predictor(model, backend="onnx", onnx_dir=out)`` runs, everything mode included. The split decoder
+    (``decoder_image.onnx``, ``decoder_prompt.onnx``, ``decoder_preview.onnx``, unfolded: see
+    :mod:`tinysam.models.onnx_graphs`) runs the same integer layers, the first layer's image side once per image.
     """
-    from tinysam.models.onnx_graphs import DECODER, ENCODER, METADATA, export_decoder, export_encoder, onnx_metadata
+    from tinysam.models.onnx_graphs import (
+        DECODER,
+        DECODER_IMAGE,
+        DECODER_PROMPT,
+        ENCODER,
+        METADATA,
+        export_decoder,
+        export_encoder,
+        export_split_decoder,
+        onnx_metadata,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     enabled = {n: layer.enabled for n, layer in layers.items()}
     for layer in layers.values():
         layer.enabled = False  # export the float graphs; the rewrite adds the quantization
-    try:
-        float_paths = {
-            ENCODER: (export_encoder(model, out / "encoder_float.onnx"), "image_encoder"),
-            DECODER: (export_decoder(model, out / "decoder_float.onnx"), "mask_decoder"),
-        }
-    finally:
-        for n, layer in layers.items():
-            layer.enabled = enabled[n]
-    ops = {}
-    try:
+    with tempfile.TemporaryDirectory(prefix=".float-", dir=out) as tmp:
+        try:
+            float_paths = {
+                ENCODER: (export_encoder(model, Path(tmp) / ENCODER), "image_encoder"),
+                DECODER: (export_decoder(model, Path(tmp) / DECODER), "mask_decoder"),
+            }
+            for path in export_split_decoder(float_copy(model), tmp, fold=False):
+                float_paths[path.name] = (path, "mask_decoder")
+        finally:
+            for n, layer in layers.items():
+                layer.enabled = enabled[n]
         with torch.no_grad():
-            for name, (float_path, prefix) in float_paths.items():
-                ops[name] = integer_onnx(float_path, out / name, layers, prefix)
-    finally:
-        for float_path, _ in float_paths.values():
-            float_path.unlink(missing_ok=True)
+            ops = {name: integer_onnx(path, out / name, layers, prefix) for name, (path, prefix) in float_paths.items()}
+    integer = {name: counts["MatMulIntegerToFloat"] for name, counts in ops.items()}
+    if integer[DECODER_IMAGE] + integer[DECODER_PROMPT] != integer[DECODER]:
+        raise ValueError(f"{out}: the split decoder's integer layers {integer} are not decoder.onnx's")
     (out / METADATA).write_text(json.dumps(onnx_metadata(model), indent=2))
     encoder, decoder = ops[ENCODER], ops[DECODER]
     return {
@@ -411,5 +449,6 @@ def export_onnx(model: Sam, layers: dict[str, QuantLayer | QuantGELU], out: str 
         f"{encoder.get('Conv', 0)} convolutions and {encoder.get('MatMul', 0)} attention matmuls in float",
         "decoder": f"{DECODER}: {decoder['MatMulIntegerToFloat']} linear layers of the two-way transformer as "
         f"MatMulIntegerToFloat (int8); {decoder.get('Gemm', 0)} token MLP layers, {decoder.get('MatMul', 0)} "
-        f"attention matmuls and the upscaling in float",
+        f"attention matmuls and the upscaling in float; split: {integer[DECODER_IMAGE]} of them once per image "
+        f"({DECODER_IMAGE}), {integer[DECODER_PROMPT]} per click ({DECODER_PROMPT} and its preview)",
     }

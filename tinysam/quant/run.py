@@ -114,7 +114,8 @@ def quantize_model(
 
 
 def run(cfg: DictConfig, model: Sam) -> dict:
-    """Quantize ``model`` (``cfg.model`` loaded from ``cfg.checkpoint``) into ``cfg.out``; returns the recipe written."""
+    """Quantize ``model`` (``cfg.model`` loaded from ``cfg.checkpoint``) into ``cfg.out``; returns the recipe
+    written."""
     weight_bits, act_bits = check_bits(cfg.weight_bits), check_bits(cfg.act_bits)
     check_writable(cfg.out)
     if cfg.calibration.toyworld is not None:
