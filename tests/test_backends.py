@@ -188,6 +188,11 @@ def test_factored_decoder_matches_sams_decoder(reference_student):
         assert preview.shape == (7, 4, 64, 64)
         torch.testing.assert_close(preview[:, outputs], logits[..., 2::4, 2::4], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(preview_iou[:, outputs], iou, atol=1e-5, rtol=1e-4)
+        # unfolded (each linear layer on its own input: the INT8 split decoder's form), the same numbers
+        unfolded = FactoredMaskDecoder(model.mask_decoder, prompt_chunk=3, fold=False)
+        ours, our_iou = unfolded(dense_prompt_embeddings=dense[:1], **kwargs)
+        torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(our_iou, iou, atol=1e-5, rtol=1e-4)
         empty = factored(dense_prompt_embeddings=dense[:1], **{**kwargs, "sparse_prompt_embeddings": sparse[:0]})
         assert [t.shape for t in empty] == [(0, 3, 256, 256), (0, 3)]
         with pytest.raises(ValueError, match="one image"):

@@ -147,10 +147,6 @@ def image_to_token(attn: Attention, image: Tensor, pos_queries: Tensor, keys: Te
 def _bypassed(decoder: MaskDecoder, fold: bool = True) -> Iterator[tuple[str, nn.Module, type]]:
     """The modules whose weights the factoring uses without calling them, each with the exact type it assumes
     (without ``fold``, the upscaling's alone)."""
-    for index, kind in ((0, nn.ConvTranspose2d), (1, LayerNorm2d), (3, nn.ConvTranspose2d)):
-        yield f"output_upscaling.{index}", decoder.output_upscaling[index], kind
-    if not fold:
-        return
     transformer = decoder.transformer
     attentions = {
         f"transformer.layers.{i}.{kind}": getattr(layer, kind)
@@ -158,10 +154,12 @@ def _bypassed(decoder: MaskDecoder, fold: bool = True) -> Iterator[tuple[str, nn
         for kind in ("cross_attn_token_to_image", "cross_attn_image_to_token")
     }
     attentions["transformer.final_attn_token_to_image"] = transformer.final_attn_token_to_image
-    for name, attn in attentions.items():
+    for name, attn in attentions.items() if fold else ():
         yield name, attn, Attention
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             yield f"{name}.{proj}", getattr(attn, proj), nn.Linear
+    for index, kind in ((0, nn.ConvTranspose2d), (1, LayerNorm2d), (3, nn.ConvTranspose2d)):
+        yield f"output_upscaling.{index}", decoder.output_upscaling[index], kind
 
 
 @dataclass
