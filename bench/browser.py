@@ -5,9 +5,10 @@
 For each model, float and W8A8, on one thread and on all cores, side by side in one process:
 the encoder (median of ``--runs`` after a warm-up) and the decoder per click (median of ``--clicks``
 on one positive click), in the page (``?ep=wasm&threads=N``) and in Python on the same ONNX files.
-The float model's decoder runs both ways: SAM's decoder in one graph (``?decoder=full``) and split, its
-image half once per image (its time is in the encoder column) and its click half per click; the split rows
-also time the hover preview's graph (every fourth low-res logit), which the page runs while the mouse moves.
+Each model's decoder runs both ways: SAM's decoder in one graph (``?decoder=full``) and split, its image
+half once per image (its time is in the encoder column) and its click half per click (W8A8: unfolded, the
+same integer layers); the split rows also time the hover preview's graph (every fourth low-res logit), which
+the page runs while the mouse moves.
 ``toy`` is the shipped toy student (256 px); ``tinyvit_5m`` is the 1024 px student with the
 seeded reference weights of ``tests/reference``. The W8A8 models come from ``quantize_model`` with a short scale
 search (1 round, 10 candidates, 2 images): the search changes the scales, not the graph or its speed.
@@ -22,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from op_profile import op_table, print_op_table
 from PIL import Image
 
 from tinysam.assets import asset_path
@@ -148,17 +148,9 @@ def browser_latency(
     return encode_ms, decode_ms, preview_ms
 
 
-def matmul_flops(event: dict) -> float:
-    """FLOPs of a matrix-product node from its profiled shapes (``A`` and the output; ``A`` may be transposed)."""
-    a = next(iter(event["args"]["input_type_shape"][0].values()))
-    out = next(iter(event["args"]["output_type_shape"][0].values()))
-    k = a[-1] if out[-2] == a[-2] else a[-2]
-    return 2.0 * math.prod(out) * k
-
-
 def profile_ops(browser, bundle, image: Path, threads: int, clicks: int, role: str, decoder: str) -> list[tuple]:
-    """(operator type, ms per run, share, GFLOP per run or None) of the page's ``role`` decoder over ``clicks``
-    runs, from onnxruntime-web's profile printed to the console."""
+    """:func:`op_profile.op_table` of the page's ``role`` decoder over ``clicks`` runs, from onnxruntime-web's
+    profile printed to the console."""
     lines: list[str] = []
     with DemoServer(bundle, port=0) as server:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -174,31 +166,7 @@ def profile_ops(browser, bundle, image: Path, threads: int, clicks: int, role: s
         page.evaluate("window.demo.endProfiling()")
         page.wait_for_timeout(1000)  # the console messages arrive after the call returns
         page.close()
-    events = [json.loads(line.strip().rstrip(",")) for line in lines if line.lstrip().startswith('{"cat" : "')]
-    runs = sum(1 for e in events if e["name"] == "model_run") or 1
-    ms, flops = defaultdict(float), defaultdict(float)
-    for event in events:
-        if event["cat"] == "Node" and event["name"].endswith("_kernel_time"):
-            op = event["args"]["op_name"]
-            ms[op] += event["dur"] / 1000 / runs
-            if op in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"):
-                flops[op] += matmul_flops(event) / 1e9 / runs
-    total = sum(ms.values())
-    return [(op, t, t / total, flops.get(op)) for op, t in sorted(ms.items(), key=lambda kv: -kv[1])]
-
-
-def print_profile(title: str, rows: list[tuple]) -> None:
-    total = sum(r[1] for r in rows)
-    gflop = sum(r[3] or 0 for r in rows)
-    print(f"\n{title}: {total:.1f} ms a run profiled, {gflop:.2f} GFLOP in matrix products\n")
-    print("| operator | ms a run | share | GFLOP | GFLOP/s |")
-    print("|---|---|---|---|---|")
-    shown = [r for r in rows if r[2] >= 0.01]
-    for op, t, share, flop in shown:
-        rate = f"{flop / t * 1000:.1f}" if flop else "–"
-        print(f"| {op} | {t:.2f} | {100 * share:.1f}% | {cell(flop) if flop else '–'} | {rate} |")
-    rest = rows[len(shown) :]
-    print(f"| {len(rest)} other types | {sum(r[1] for r in rest):.2f} | {100 * sum(r[2] for r in rest):.1f}% | – | – |")
+    return op_table([json.loads(line.strip().rstrip(",")) for line in lines if line.lstrip().startswith('{"cat" : "')])
 
 
 def cell(ms: float | None) -> str:
@@ -233,7 +201,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
         screenshot = args.screenshot
         for name, models in prepared.items():
-            for precision, decoder in (("float", "full"), ("float", "split"), ("W8A8", "full")):
+            for precision, decoder in (("float", "full"), ("float", "split"), ("W8A8", "full"), ("W8A8", "split")):
                 for threads in sorted({1, cores}):
                     bundle = models[precision]
                     enc_web, dec_web, preview_web = browser_latency(
@@ -250,10 +218,14 @@ def main() -> None:
                     )
         if args.profile:
             for name, models in prepared.items():
-                for precision, role, decoder in (("float", "prompt", "split"), ("float", "preview", "split"),
-                                                 ("W8A8", "full", "full")):
+                for precision, role, decoder in (
+                    ("float", "prompt", "split"),
+                    ("float", "preview", "split"),
+                    ("W8A8", "prompt", "split"),
+                    ("W8A8", "full", "full"),
+                ):
                     rows = profile_ops(browser, models[precision], models["image"], cores, args.clicks, role, decoder)
-                    print_profile(f"{name}, {precision}, {role} graph, {cores} threads", rows)
+                    print_op_table(f"{name}, {precision}, {role} graph, {cores} threads", rows)
         browser.close()
 
 

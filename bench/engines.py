@@ -1,6 +1,6 @@
 """Inference engines side by side on this CPU: PyTorch, onnxruntime and OpenVINO, float, BF16 and INT8.
 
-    python bench/engines.py [--runs 5] [--prompts 16] [--no-compile]
+    python bench/engines.py [--runs 5] [--prompts 16] [--no-compile] [--profile]
 
 One process, the same ``tinyvit_5m`` (the seeded reference weights of ``tests/reference``) and the same
 1024 px photo for every row, the runs of all rows taken in turns. The encoder: median of ``--runs`` after
@@ -17,17 +17,22 @@ The accuracy part prices each route in mIoU on the toy world: the shipped distil
 encoder run by each engine and precision (INT8: ``quantize_model``, min-max on 4 training images),
 SAM's decoder in PyTorch on its embedding, box and one-click prompts on 16 validation images, mIoU
 against the ground truth and against the float model.
+
+``--profile`` then times each operator type of onnxruntime's float and INT8 encoders (``--runs`` runs, the
+first included), with the GFLOP and GFLOP/s of their matrix products and convolutions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from op_profile import op_table, print_op_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinysam import Predictor, load_model
@@ -134,6 +139,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=16, help="point prompts per decoder call")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its first call is slow)")
+    parser.add_argument("--profile", action="store_true", help="then time onnxruntime's encoders operator by operator")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     name, features = cpu_header()
@@ -260,6 +266,14 @@ def main() -> None:
             print(f"| {label} | {1000 * seconds:.1f} | {eager_d / seconds:.2f}x | {agreement:.4f} |")
         for line in unreadable:
             print(f"not measured: {line}")
+        if args.profile:
+            for kind, where in (("fp32", folder), ("int8", int8)):
+                session = onnx_session(where / ENCODER, profile=str(Path(tmp) / f"profile-{kind}"))
+                for _ in range(args.runs):
+                    session.run(None, {"image": image})
+                rows = op_table(json.loads(Path(session.end_profiling()).read_text()))
+                route = f", route {session.int8_route}" if session.int8_route else ""
+                print_op_table(f"onnxruntime {kind} encoder{route}, {torch.get_num_threads()} threads", rows)
         toy_accuracy(has_openvino, bf16, Path(tmp))
 
 

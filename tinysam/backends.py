@@ -114,13 +114,15 @@ def int8_route(route: str = "auto") -> str:
     return route
 
 
-def onnx_session(path: str | Path, threads: int | None = None, route: str = "auto"):
+def onnx_session(path: str | Path, threads: int | None = None, route: str = "auto", profile: str | None = None):
     """An onnxruntime CPU session with every graph optimisation on.
 
     An INT8 graph (uint8 weights, as ``quantize.py`` writes them) runs on the route :func:`int8_route` picks
     for the CPU that loads it: on ``u8s8`` its weights are rewritten to int8 in memory, on ``u8s7`` to 7-bit
     levels (:func:`~tinysam.models.onnx_graphs.signed_int8_weights`); the file is left as it is, so a folder
     moves between machines. ``session.int8_route`` says which route it took (``None`` for a float graph).
+    ``profile``: a path prefix for onnxruntime's operator profile (``session.end_profiling()`` writes it and
+    returns its path).
     """
     import onnx
     import onnxruntime as ort
@@ -128,6 +130,8 @@ def onnx_session(path: str | Path, threads: int | None = None, route: str = "aut
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    if profile is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile
     graph = onnx.load(str(path))
     source: str | bytes = str(path)
     taken = None
