@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 
 PRODUCTS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulIntegerToFloat", "MatMulInteger"}
-CONVOLUTIONS = {"Conv": 1, "FusedConv": 1, "QLinearConv": 3, "ConvTranspose": 1}  # operator: its weight's input
+CONVOLUTIONS = {"Conv": 1, "FusedConv": 1, "QLinearConv": 3}  # operator: its weight's input
 
 
 def _shapes(event: dict, key: str) -> list[list[int]]:
@@ -27,10 +27,11 @@ def node_flops(event: dict) -> float | None:
         a = inputs[0]
         k = a[-1] if out[-2] == a[-2] else a[-2]
         return 2.0 * math.prod(out) * k
-    if op in CONVOLUTIONS:
-        weight = inputs[CONVOLUTIONS[op]]
-        per_output = math.prod(weight[1:])  # (in / groups) x kh x kw products per output (ConvTranspose: per input)
-        return 2.0 * math.prod(inputs[0] if op == "ConvTranspose" else out) * per_output
+    if op == "ConvTranspose":  # its weight is prepacked, not profiled: kernel = stride (SAM's upscaling), so each
+        return 2.0 * math.prod(out) * inputs[0][1]  # output pixel gets one product per input channel
+    weight = inputs[CONVOLUTIONS[op]] if op in CONVOLUTIONS and len(inputs) > CONVOLUTIONS[op] else []
+    if len(weight) == 4:  # a prepacked weight (onnxruntime's NHWC QLinearConv) is not profiled: unknown
+        return 2.0 * math.prod(out) * math.prod(weight[1:])  # (in / groups) x kh x kw products per output
     return None
 
 
