@@ -1,4 +1,5 @@
-"""The model folder the demo page loads: ``encoder.onnx``, ``decoder.onnx`` and ``export.json``.
+"""The model folder the demo page loads: ``encoder.onnx``, ``decoder.onnx``, ``export.json`` and, where the folder
+has them, the split decoder's three graphs (float exports and quantized folders write them).
 
 A folder written by ``python -m tinysam.export`` or ``quantize.py`` is used as it is; a checkpoint
 is exported once into a cache folder keyed by its content, and reused while it matches.
