@@ -9,7 +9,8 @@ share of this machine's measured fp32 (or int8) matmul peak, and the max abs dif
 from eager PyTorch's. The decoder: ms per prompt for ``--prompts`` point prompts a call (SAM's ONNX
 decoder graph, or PyTorch's decoders on the eager embedding) and the IoU of its masks with eager's.
 INT8 is the W8A8 model ``quantize_model`` writes (min-max, calibrated on the other shipped photo): its
-``encoder.onnx`` / ``decoder.onnx`` run in onnxruntime and, read from the same files, in OpenVINO.
+``encoder.onnx`` / ``decoder.onnx`` run in onnxruntime and, read from the same files, in OpenVINO; one more
+row has integer linear layers only (no requantized convolution, no integer GELU: :data:`LINEAR_ONLY`).
 OpenVINO runs when the ``openvino`` package is installed; BF16 rows only where the CPU has ``avx512_bf16``.
 The header names the CPU and its features (AVX2, AVX-512, VNNI, BF16, AMX).
 
@@ -44,6 +45,8 @@ from tinysam.quant.run import quantize_model
 from tinysam.runtime import cpu_features, has_vnni, interleaved_medians
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "tinysam_vit_t_seed0.safetensors"
+# INT8 where the speed is: the linear layers alone, every convolution and GELU float
+LINEAR_ONLY = {"method": "minmax", "requantize": (), "integer_gelu": ()}
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
@@ -90,6 +93,7 @@ def toy_accuracy(has_openvino: bool, bf16: bool, tmp: Path) -> None:
     with torch.inference_mode(False), torch.enable_grad():
         calibration = [load_image(p) for p in list_images(world / "train")]
         quantize_model(load_model("tinyvit_toy", checkpoint), calibration, tmp / "toy_int8", method="minmax")
+        quantize_model(load_model("tinyvit_toy", checkpoint), calibration, tmp / "toy_int8_linear", **LINEAR_ONLY)
 
     def bf16_autocast(x: np.ndarray) -> np.ndarray:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -101,6 +105,8 @@ def toy_accuracy(has_openvino: bool, bf16: bool, tmp: Path) -> None:
     for route in ("u8u8", "u8s8", "u8s7"):  # u8s8 is exact only with VNNI: without it, its row shows the saturation
         session = onnx_session(tmp / "toy_int8" / ENCODER, route=route)
         routes[f"onnxruntime int8 {route}"] = lambda x, s=session: s.run(None, {"image": x})[0]
+    session = onnx_session(tmp / "toy_int8_linear" / ENCODER)
+    routes[f"onnxruntime int8 linear layers only, {session.int8_route}"] = lambda x: session.run(None, {"image": x})[0]
     if bf16:
         routes["PyTorch bf16 autocast"] = bf16_autocast
     if has_openvino:
@@ -197,12 +203,13 @@ def main() -> None:
         decoders[f"PyTorch {backend}"] = lambda p=predictor: p.predict(point_coords=points, point_labels=labels)[2]
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, int8 = Path(tmp) / "float", Path(tmp) / "int8"
+        folder, int8, int8_linear = Path(tmp) / "float", Path(tmp) / "int8", Path(tmp) / "int8_linear"
         folder.mkdir()
         export_encoder(model, folder / ENCODER)
         export_decoder(model, folder / DECODER)
         with torch.inference_mode(False), torch.enable_grad():  # calibration needs gradients
-            quantize_model(load_model("tinyvit_5m", REFERENCE), [calibration], int8, method="minmax", points_per_side=2)
+            for out, kwargs in ((int8, {"method": "minmax"}), (int8_linear, LINEAR_ONLY)):
+                quantize_model(load_model("tinyvit_5m", REFERENCE), [calibration], out, points_per_side=2, **kwargs)
         image = x.numpy()
         # INT8 on every route: uint8 weights (exact on every x86 CPU), int8 weights (exact with VNNI only) and
         # 7-bit weights on the same fast kernels (exact on every x86 CPU)
@@ -230,6 +237,11 @@ def main() -> None:
                     precision_name = kind if kind == "int8" else precision
                     encoders[label] = (run_ov, lambda r=run_ov: torch.from_numpy(np.asarray(r())), precision_name)
                     decoders[label] = lambda c=decoder_ov: np.asarray(c(feed)[2])[:, 1:]
+
+        linear_only = onnx_session(int8_linear / ENCODER)
+        run_linear = lambda s=linear_only: s.run(None, {"image": image})[0]  # noqa: E731
+        label = f"onnxruntime int8 linear layers only, {linear_only.int8_route}"
+        encoders[label] = (run_linear, lambda: torch.from_numpy(run_linear()), "int8")
 
         print(
             f"CPU: {name}; features: {', '.join(sorted(features)) or 'none of ' + ', '.join(FEATURES)}; "
