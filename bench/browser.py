@@ -29,6 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,20 +122,30 @@ def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -
     return encode_ms, median_ms(lambda: session.run(None, feed), clicks), preview_ms
 
 
+@contextmanager
+def clicked_page(browser, bundle, image: Path, query: str) -> Iterator:
+    """The demo page on ``bundle`` (URL options ``query``) with ``image`` open and one click at its centre."""
+    with DemoServer(bundle, port=0) as server:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        try:
+            page.goto(f"{server.url}?{query}")
+            page.wait_for_selector("body[data-ready=true]", timeout=300_000)
+            page.set_input_files("#file", str(image))
+            page.evaluate("window.demo.idle()")
+            box = page.locator("#view").bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+            page.evaluate("window.demo.idle()")
+            yield page
+        finally:
+            page.close()
+
+
 def browser_latency(
     browser, bundle, image: Path, threads: int, runs: int, clicks: int, screenshot: Path | None, decoder: str
 ) -> tuple[float, float, float | None]:
     """Encoder (with the split decoder's image half), per-click decoder and (split) hover preview milliseconds in
     the page, WASM with ``threads`` threads."""
-    with DemoServer(bundle, port=0) as server:
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(f"{server.url}?ep=wasm&threads={threads}&decoder={decoder}")
-        page.wait_for_selector("body[data-ready=true]", timeout=300_000)
-        page.set_input_files("#file", str(image))
-        page.evaluate("window.demo.idle()")
-        box = page.locator("#view").bounding_box()
-        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
-        page.evaluate("window.demo.idle()")
+    with clicked_page(browser, bundle, image, f"ep=wasm&threads={threads}&decoder={decoder}") as page:
         assert page.evaluate("window.demo.info.split_decoder") or decoder == "full"
         encode_ms = statistics.median(page.evaluate(f"window.demo.timeEncoder({runs})"))
         if decoder == "split":
@@ -144,7 +156,6 @@ def browser_latency(
             preview_ms = statistics.median(page.evaluate(f"window.demo.timeDecoder({clicks}, true)"))
         if screenshot is not None:
             page.screenshot(path=str(screenshot))
-        page.close()
     return encode_ms, decode_ms, preview_ms
 
 
@@ -152,21 +163,14 @@ def profile_ops(browser, bundle, image: Path, threads: int, clicks: int, role: s
     """:func:`op_profile.op_table` of the page's ``role`` decoder over ``clicks`` runs, from onnxruntime-web's
     profile printed to the console."""
     lines: list[str] = []
-    with DemoServer(bundle, port=0) as server:
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+    query = f"ep=wasm&threads={threads}&decoder={decoder}&profile={role}"
+    with clicked_page(browser, bundle, image, query) as page:
         page.on("console", lambda message: lines.extend(message.text.splitlines()))
-        page.goto(f"{server.url}?ep=wasm&threads={threads}&decoder={decoder}&profile={role}")
-        page.wait_for_selector("body[data-ready=true]", timeout=300_000)
-        page.set_input_files("#file", str(image))
-        page.evaluate("window.demo.idle()")
-        box = page.locator("#view").bounding_box()
-        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
-        page.evaluate("window.demo.idle()")
         page.evaluate(f"window.demo.timeDecoder({clicks}, {str(role == 'preview').lower()})")
         page.evaluate("window.demo.endProfiling()")
         page.wait_for_timeout(1000)  # the console messages arrive after the call returns
-        page.close()
-    return op_table([json.loads(line.strip().rstrip(",")) for line in lines if line.lstrip().startswith('{"cat" : "')])
+        events = [line.strip().rstrip(",") for line in lines if line.lstrip().startswith('{"cat" : "')]
+    return op_table([json.loads(event) for event in events])
 
 
 def cell(ms: float | None) -> str:
