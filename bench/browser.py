@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from op_profile import op_table, print_op_table
 from PIL import Image
 
 from tinysam.assets import asset_path
@@ -54,6 +53,7 @@ from tinysam.models.onnx_graphs import (
     image_side,
 )
 from tinysam.quant.run import quantize_model
+from tinysam.runtime import operator_table, operator_times
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference"
 SOURCES = {
@@ -160,8 +160,8 @@ def browser_latency(
 
 
 def profile_ops(browser, bundle, image: Path, threads: int, clicks: int, role: str, decoder: str) -> list[tuple]:
-    """:func:`op_profile.op_table` of the page's ``role`` decoder over ``clicks`` runs, from onnxruntime-web's
-    profile printed to the console."""
+    """:func:`tinysam.runtime.operator_times` of the page's ``role`` decoder over ``clicks`` runs, from
+    onnxruntime-web's profile printed to the console."""
     lines: list[str] = []
     query = f"ep=wasm&threads={threads}&decoder={decoder}&profile={role}"
     with clicked_page(browser, bundle, image, query) as page:
@@ -170,7 +170,7 @@ def profile_ops(browser, bundle, image: Path, threads: int, clicks: int, role: s
         page.evaluate("window.demo.endProfiling()")
         page.wait_for_timeout(1000)  # the console messages arrive after the call returns
         events = [line.strip().rstrip(",") for line in lines if line.lstrip().startswith('{"cat" : "')]
-    return op_table([json.loads(event) for event in events])
+    return operator_times([json.loads(event) for event in events])
 
 
 def cell(ms: float | None) -> str:
@@ -229,7 +229,7 @@ def main() -> None:
                     ("W8A8", "full", "full"),
                 ):
                     rows = profile_ops(browser, models[precision], models["image"], cores, args.clicks, role, decoder)
-                    print_op_table(f"{name}, {precision}, {role} graph, {cores} threads", rows)
+                    print("\n" + operator_table(f"{name}, {precision}, {role} graph, {cores} threads", rows))
         browser.close()
 
 

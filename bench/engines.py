@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from op_profile import op_table, print_op_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinysam import Predictor, load_model
@@ -42,7 +41,7 @@ from tinysam.backends import onnx_session
 from tinysam.data.transforms import load_image, model_input
 from tinysam.models.onnx_graphs import DECODER, ENCODER, decoder_feed, export_decoder, export_encoder
 from tinysam.quant.run import quantize_model
-from tinysam.runtime import cpu_features, has_vnni, interleaved_medians
+from tinysam.runtime import cpu_features, has_vnni, interleaved_medians, operator_table, operator_times
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "tinysam_vit_t_seed0.safetensors"
 # INT8 where the speed is: the linear layers alone, every convolution and GELU float
@@ -283,9 +282,10 @@ def main() -> None:
                 session = onnx_session(where / ENCODER, profile=str(Path(tmp) / f"profile-{kind}"))
                 for _ in range(args.runs):
                     session.run(None, {"image": image})
-                rows = op_table(json.loads(Path(session.end_profiling()).read_text()))
+                rows = operator_times(json.loads(Path(session.end_profiling()).read_text()))
                 route = f", route {session.int8_route}" if session.int8_route else ""
-                print_op_table(f"onnxruntime {kind} encoder{route}, {torch.get_num_threads()} threads", rows)
+                title = f"onnxruntime {kind} encoder{route}, {torch.get_num_threads()} threads"
+                print("\n" + operator_table(title, rows))
         toy_accuracy(has_openvino, bf16, Path(tmp))
 
 
