@@ -350,7 +350,7 @@ def integer_onnx(float_path: Path, out_path: Path, layers: dict[str, QuantLayer 
         if len(node.input) < 2 or node.input[1] not in initializers:
             continue
         name = module_path(node.name, prefix).removesuffix(".layer")  # QuantLayer wraps ``layer``
-        if name not in wanted:
+        if name not in wanted and node.op_type in ("MatMul", "Conv"):  # the only nodes rewritten below
             name = by_weight.get(_weight_key(numpy_helper.to_array(initializers[node.input[1]])), name)
         quant = wanted.get(name)
         if quant is None:
