@@ -49,6 +49,7 @@ from tinysam.models.onnx_graphs import (
     DECODER_PREVIEW,
     DECODER_PROMPT,
     ENCODER,
+    POINTS,
     decoder_feed,
     image_side,
 )
@@ -110,9 +111,7 @@ def python_latency(bundle, threads: int, runs: int, clicks: int, decoder: str) -
         image_part, prompt_part = (onnx_session(bundle.folder / n, threads) for n in (DECODER_IMAGE, DECODER_PROMPT))
         image_part.run(None, {"image_embeddings": embedding})
         encode_ms += median_ms(lambda: image_part.run(None, {"image_embeddings": embedding}), runs)
-        feed = image_side(image_part, embedding) | {
-            key: feed[key] for key in ("point_coords", "point_labels")
-        }
+        feed = image_side(image_part, embedding) | {key: feed[key] for key in POINTS}
         session, preview = prompt_part, onnx_session(bundle.folder / DECODER_PREVIEW, threads)
         preview.run(None, feed)
         preview_ms = median_ms(lambda: preview.run(None, feed), clicks)

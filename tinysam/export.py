@@ -32,6 +32,7 @@ from tinysam.models.onnx_graphs import (
     DECODER_PROMPT,
     ENCODER,
     METADATA,
+    POINTS,
     SPLIT_DECODER,
     decoder_feed,
     export_decoder,
@@ -83,7 +84,7 @@ def check_against_torch(model: Sam, out: Path, images: Sequence[Path | np.ndarra
             worst["iou"] = max(worst["iou"], float(np.abs(onnx_iou[:, 1:] - iou).max()))
             if DECODER_PROMPT in session:
                 side = image_side(session[DECODER_IMAGE], ref)
-                prompt = {key: feed[key] for key in ("point_coords", "point_labels")}
+                prompt = {key: feed[key] for key in POINTS}
                 split_iou, split_low = session[DECODER_PROMPT].run(None, side | prompt)
                 worst["split_low_res_logits"] = max(
                     worst["split_low_res_logits"], float(np.abs(split_low[:, 1:] - low_res).max())
